@@ -40,6 +40,7 @@ class ErrorCode(StrEnum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     RESULT_LOST = "result_lost"
     DELIVERY_LIMIT = "delivery_limit"
+    INTERNAL_ERROR = "internal_error"
 
 
 class ErrorInfo(ContractModel):

@@ -1,0 +1,93 @@
+"""Publishing commands and waiting for their events: what a Python playbook (and the
+``send`` and ``demo`` commands) do from the other side of the queue."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from kombu import Consumer, Producer, Queue
+from kombu.message import Message
+
+from schemas.events import ResultEvent
+from worker.broker import connect
+from worker.topology import Topology
+
+PERSISTENT = 2
+
+
+class CommandClient:
+    def __init__(self, broker_url: str, topology: Topology) -> None:
+        self._topology = topology
+        self._connection = connect(broker_url)
+        self._channel = self._connection.channel()
+        topology.declare(self._channel)
+        self._producer = Producer(self._channel)
+        self._replies: Queue | None = None
+
+    def __enter__(self) -> CommandClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def reply_queue(self) -> str:
+        """A private queue for this client's result events (deleted on close)."""
+        if self._replies is None:
+            name = f"relay.replies.{uuid.uuid4().hex[:12]}"
+            self._replies = Queue(name, durable=False, auto_delete=True, exclusive=False)
+            self._replies.bind(self._channel).declare()
+        return str(self._replies.name)
+
+    def publish(self, command: dict[str, Any], reply_to: str | None = None) -> str:
+        """Publish ``command`` as JSON to the commands exchange; returns its message id."""
+        message_id = str(command.get("id") or uuid.uuid4())
+        self._producer.publish(
+            json.dumps(command).encode(),
+            exchange=self._topology.commands,
+            routing_key=str(command.get("type", "unknown")),
+            content_type="application/json",
+            content_encoding="utf-8",
+            delivery_mode=PERSISTENT,
+            message_id=message_id,
+            reply_to=reply_to,
+            retry=True,
+        )
+        return message_id
+
+    def events(self, timeout_s: float) -> Iterator[tuple[ResultEvent, str | None]]:
+        """Result events arriving on the reply queue, with their correlation ids, until
+        ``timeout_s`` passes without one."""
+        received: list[Message] = []
+        consumer = Consumer(
+            self._channel,
+            queues=[self._replies] if self._replies else [],
+            on_message=received.append,
+        )
+        with consumer:
+            give_up_at = time.monotonic() + timeout_s
+            while time.monotonic() < give_up_at:
+                try:
+                    self._connection.drain_events(timeout=min(0.5, timeout_s))
+                except (TimeoutError, socket.timeout):
+                    pass
+                while received:
+                    message = received.pop(0)
+                    message.ack()
+                    give_up_at = time.monotonic() + timeout_s
+                    yield (
+                        ResultEvent.model_validate_json(message.body),
+                        message.properties.get("correlation_id"),
+                    )
+
+    def close(self) -> None:
+        if self._replies is not None:
+            try:
+                self._replies.bind(self._channel).delete()
+            except self._connection.channel_errors:
+                pass  # the broker dropped it already (auto-delete)
+        self._connection.release()

@@ -1,0 +1,171 @@
+"""The connection thread: takes commands off the broker and settles them.
+
+kombu connections and channels belong to one thread. This thread decodes and validates
+each message, hands the command to the handler loop, and later carries out the handler's
+:class:`~worker.handler.Settlement`: publish the event (confirmed), keep the original in
+the dead-letter queue when asked, then ack. It is the one place that settles messages,
+and it never waits on vendor work, so heartbeats keep flowing.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from kombu import Connection, Producer
+from kombu import Consumer as KombuConsumer
+from kombu.message import Message
+
+from schemas.commands import Command
+from schemas.events import ErrorCode, ErrorInfo
+from worker.broker import connect
+from worker.decoding import decode_command, identity
+from worker.errors import CommandRejected
+from worker.handler import Action, Settlement
+from worker.publisher import Publisher
+from worker.results import now, rejection, result_event
+from worker.topology import Topology
+
+log = logging.getLogger(__name__)
+
+Submit = Callable[[Command], "Future[Settlement]"]
+IDLE_WAIT_S = 1.0
+RECONNECT_MAX_WAIT_S = 30.0
+
+
+@dataclass(frozen=True)
+class ConsumerSettings:
+    broker_url: str
+    prefetch: int
+    poll_interval_s: float  # how soon finished work is settled while work is in flight
+    shutdown_grace_s: float = 30.0
+    heartbeat_s: int = 30
+
+
+class CommandConsumer:
+    def __init__(self, settings: ConsumerSettings, topology: Topology, submit: Submit) -> None:
+        self._settings = settings
+        self._topology = topology
+        self._submit = submit
+        self._finished: queue.SimpleQueue[tuple[Message, Future[Settlement]]] = (
+            queue.SimpleQueue()
+        )
+        self._in_flight = 0
+        self._publisher: Publisher | None = None
+        self._connection_errors = self.connection().connection_errors
+        self.connected = threading.Event()
+
+    def connection(self) -> Connection:
+        return connect(
+            self._settings.broker_url, self._settings.poll_interval_s, self._settings.heartbeat_s
+        )
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume until ``stop`` is set; reconnect with back-off when the broker goes away."""
+        failures = 0
+        while not stop.is_set():
+            try:
+                with self.connection() as connection:
+                    self._consume(connection, stop)
+                return
+            except (OSError, *self._connection_errors) as error:
+                self.connected.clear()
+                failures += 1
+                wait_s = min(RECONNECT_MAX_WAIT_S, 0.5 * 2**failures)
+                log.warning("broker connection lost (%s); reconnecting in %.1fs", error, wait_s)
+                stop.wait(wait_s)
+
+    def _consume(self, connection: Connection, stop: threading.Event) -> None:
+        channel = connection.channel()
+        self._topology.declare(channel)
+        publisher = self._publisher = Publisher(Producer(channel), self._topology)
+        consumer = KombuConsumer(
+            channel,
+            queues=[self._topology.command_queue],
+            on_message=self._on_message,
+            prefetch_count=self._settings.prefetch,
+        )
+        with consumer:
+            self.connected.set()
+            log.info("consuming", extra={"queue": self._topology.command_queue.name})
+            while not stop.is_set():
+                self._settle_finished(publisher)
+                self._drain(connection)
+            consumer.cancel()  # stop taking new messages; finish what is in flight
+            self._finish_in_flight(connection, publisher)
+
+    def _drain(self, connection: Connection) -> None:
+        wait_s = self._settings.poll_interval_s if self._in_flight else IDLE_WAIT_S
+        try:
+            connection.drain_events(timeout=wait_s)
+        except (TimeoutError, socket.timeout):
+            connection.heartbeat_check()
+
+    def _finish_in_flight(self, connection: Connection, publisher: Publisher) -> None:
+        give_up_at = time.monotonic() + self._settings.shutdown_grace_s
+        while self._in_flight and time.monotonic() < give_up_at:
+            self._settle_finished(publisher)
+            try:
+                connection.drain_events(timeout=self._settings.poll_interval_s)
+            except (TimeoutError, socket.timeout):
+                connection.heartbeat_check()
+        if self._in_flight:
+            # Unacked deliveries go back to the queue when the channel closes; their
+            # stored results (if any) are replayed on redelivery.
+            log.warning("%d commands still in flight at shutdown; requeued", self._in_flight)
+
+    def _on_message(self, message: Message) -> None:
+        message_id = message.properties.get("message_id")
+        try:
+            command = decode_command(message.body, message_id)
+        except CommandRejected as error:
+            event = rejection(error.code, error.message, **identity(message.body, message_id))
+            log.info("message rejected", extra={"error_code": error.code, "message_id": message_id})
+            assert self._publisher is not None  # set before consuming starts
+            self._settle(message, Settlement(event, Action.DEAD_LETTER), self._publisher)
+            return
+        self._in_flight += 1
+        future = self._submit(command)
+        future.add_done_callback(lambda f: self._finished.put((message, f)))
+
+    def _settle_finished(self, publisher: Publisher) -> None:
+        while True:
+            try:
+                message, future = self._finished.get_nowait()
+            except queue.Empty:
+                return
+            self._in_flight -= 1
+            self._settle(message, self._settlement(message, future), publisher)
+
+    def _settlement(self, message: Message, future: Future[Settlement]) -> Settlement:
+        error = future.exception()
+        if error is None:
+            return future.result()
+        # A bug, not bad input: report it and keep the message rather than lose it.
+        log.error("handler failed", exc_info=error)
+        event = result_event(
+            **identity(message.body, message.properties.get("message_id")),
+            outcome="failed",
+            started_at=now(),
+            error=ErrorInfo(
+                code=ErrorCode.INTERNAL_ERROR, message=f"the worker failed: {error!r}"
+            ),
+        )
+        return Settlement(event, Action.DEAD_LETTER)
+
+    def _settle(self, message: Message, settlement: Settlement, publisher: Publisher) -> None:
+        if settlement.action is Action.REQUEUE:
+            message.requeue()
+            return
+        if settlement.event is not None:
+            publisher.publish_event(settlement.event, message)
+        if settlement.action is Action.DEAD_LETTER:
+            outcome = settlement.event.data.outcome if settlement.event else "failed"
+            publisher.dead_letter(message, settlement.event, reason=outcome)
+        message.ack()

@@ -1,0 +1,72 @@
+"""Errors, sorted by what the worker must do with the command.
+
+    RelayError
+    ├── CommandRejected      nothing was sent; the command must change → ``rejected``
+    ├── PermanentFailure     the vendor refused for good, or the answer is lost → ``failed``
+    └── TransientFailure     may work later: retry, then ``failed`` (retryable)
+        └── VendorThrottled  429, with the vendor's Retry-After when it sent one
+
+Each carries the contract's :class:`~schemas.events.ErrorCode` and a message that says what
+happened or what to fix. Foreign errors are wrapped at the boundary with ``raise … from e``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from schemas.events import ErrorCode, ErrorInfo
+
+if TYPE_CHECKING:
+    from worker.vendors.http import VendorReply
+
+
+class RelayError(Exception):
+    """Root of every error the worker raises on purpose."""
+
+    retryable = False
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        vendor_status: int | None = None,
+        reply: VendorReply | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.vendor_status = vendor_status
+        self.reply = reply  # the vendor's answer that caused it, for the event
+
+    def info(self) -> ErrorInfo:
+        """The ``error`` object of the result event."""
+        return ErrorInfo(
+            code=self.code,
+            message=self.message,
+            retryable=self.retryable,
+            vendor_status=self.vendor_status,
+        )
+
+
+class CommandRejected(RelayError):
+    """Raised when a command is not acceptable as sent: schema, tenant, region, deadline, key."""
+
+
+class PermanentFailure(RelayError):
+    """Raised when the vendor refused for good (4xx) or a cached answer can not be collected."""
+
+
+class TransientFailure(RelayError):
+    """Raised when a call failed in a way that may pass: transport error, 5xx, 429."""
+
+    retryable = True
+
+
+class VendorThrottled(TransientFailure):
+    """Raised on 429; ``retry_after_s`` is the vendor's ``Retry-After`` when it sent one."""
+
+    def __init__(
+        self, message: str, retry_after_s: float | None, reply: VendorReply | None = None
+    ) -> None:
+        super().__init__(ErrorCode.VENDOR_UNAVAILABLE, message, vendor_status=429, reply=reply)
+        self.retry_after_s = retry_after_s

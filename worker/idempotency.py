@@ -1,0 +1,187 @@
+"""The idempotency store: one claim per idempotency key, and the outbox of its result.
+
+A handler claims the key before calling a vendor and stores the result event with the
+claim before that event is published, so a crash between publish and ack re-publishes
+the stored event instead of calling the vendor again. A claim carries a lease: a claim
+whose holder died is taken over once the lease has run out. Records expire after the
+retention period.
+
+``claim`` answers what happened, atomically, and races are settled by the store:
+
+* :class:`Claimed` – this worker now holds the key and must do the work;
+* :class:`InProgress` – a live holder is doing it: defer, do not call the vendor;
+* :class:`Completed` – done before: replay the stored event;
+* :class:`Conflict` – the key was used for a different payload: reject.
+
+Backends: SQLite (one host; the default) and Redis (a fleet), chosen by URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from schemas.commands import Command
+from schemas.events import ResultEvent
+
+
+@dataclass(frozen=True)
+class Claimed:
+    pass
+
+
+@dataclass(frozen=True)
+class InProgress:
+    holder: str
+    lease_left_s: float
+
+
+@dataclass(frozen=True)
+class Completed:
+    event: ResultEvent
+
+
+@dataclass(frozen=True)
+class Conflict:
+    pass
+
+
+ClaimResult = Claimed | InProgress | Completed | Conflict
+
+
+def fingerprint(command: Command) -> str:
+    """What makes two commands the same work: type, tenant and params (not id or deadline)."""
+    payload = command.model_dump(mode="json", include={"type", "tenant", "params"})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+class IdempotencyStore(Protocol):
+    async def claim(self, key: str, fingerprint: str, owner: str) -> ClaimResult:
+        """Take the key for ``owner``, or say why not."""
+        ...
+
+    async def complete(self, key: str, owner: str, event: ResultEvent) -> None:
+        """Store the terminal event with the claim; it is replayed from now on."""
+        ...
+
+    async def release(self, key: str, owner: str) -> None:
+        """Give the claim up without a result, so the work can be tried again."""
+        ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def open_store(url: str, lease_s: float, retention_s: float) -> IdempotencyStore:
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from worker.idempotency_redis import RedisStore
+
+        return RedisStore(url, lease_s, retention_s)
+    if url.startswith("sqlite:///"):
+        return SqliteStore(Path(url.removeprefix("sqlite:///")), lease_s, retention_s)
+    raise ValueError(f"unsupported idempotency store URL {url!r}: use sqlite:/// or redis://")
+
+
+def _decide(
+    row: tuple[str, str, float, str | None] | None, fingerprint: str, now: float
+) -> ClaimResult | None:
+    """The outcome for an existing record; ``None`` means the caller may take the key."""
+    if row is None:
+        return None
+    stored_fingerprint, holder, lease_until, event = row
+    if stored_fingerprint != fingerprint:
+        return Conflict()
+    if event is not None:
+        return Completed(ResultEvent.model_validate_json(event))
+    if lease_until > now:
+        return InProgress(holder, lease_until - now)
+    return None  # the holder's lease ran out: take over
+
+
+class SqliteStore:
+    """SQLite in WAL mode, used from one thread so calls never share a connection."""
+
+    def __init__(self, path: Path, lease_s: float, retention_s: float) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lease_s = lease_s
+        self._retention_s = retention_s
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idempotency")
+        self._db = self._executor.submit(self._connect, path).result()
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,"
+            " owner TEXT NOT NULL, lease_until REAL NOT NULL, event TEXT,"
+            " expires_at REAL NOT NULL)"
+        )
+        return db
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def claim(self, key: str, fingerprint: str, owner: str) -> ClaimResult:
+        result: ClaimResult = await self._run(self._claim, key, fingerprint, owner)
+        return result
+
+    def _claim(self, key: str, fingerprint: str, owner: str) -> ClaimResult:
+        now = time.time()
+        self._db.execute("BEGIN IMMEDIATE")  # other processes on this file wait here
+        try:
+            row = self._db.execute(
+                "SELECT fingerprint, owner, lease_until, event FROM claims"
+                " WHERE key = ? AND expires_at > ?",
+                (key, now),
+            ).fetchone()
+            decided = _decide(row, fingerprint, now)
+            if decided is None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, NULL, ?)",
+                    (key, fingerprint, owner, now + self._lease_s, now + self._retention_s),
+                )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return decided or Claimed()
+
+    async def complete(self, key: str, owner: str, event: ResultEvent) -> None:
+        await self._run(self._complete, key, event.model_dump_json())
+
+    def _complete(self, key: str, event_json: str) -> None:
+        # Stored whoever holds the lease now: the work is done and its answer is the truth.
+        self._db.execute(
+            "UPDATE claims SET event = ?, expires_at = ? WHERE key = ?",
+            (event_json, time.time() + self._retention_s, key),
+        )
+
+    async def release(self, key: str, owner: str) -> None:
+        await self._run(
+            lambda: self._db.execute(
+                "DELETE FROM claims WHERE key = ? AND owner = ? AND event IS NULL", (key, owner)
+            )
+        )
+
+    async def purge_expired(self) -> int:
+        cursor = await self._run(
+            lambda: self._db.execute("DELETE FROM claims WHERE expires_at <= ?", (time.time(),))
+        )
+        return int(cursor.rowcount)
+
+    async def ping(self) -> None:
+        await self._run(lambda: self._db.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        await self._run(self._db.close)
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,83 @@
+"""The Redis backend of the idempotency store, for a fleet of replicas.
+
+One hash per key; the claim is a Lua script so that read-decide-write is one atomic step
+on the server. Keys expire after the retention period (``PEXPIRE``).
+"""
+
+from __future__ import annotations
+
+import time
+
+from redis.asyncio import Redis
+
+from schemas.events import ResultEvent
+from worker.idempotency import Claimed, ClaimResult, _decide
+
+KEY_PREFIX = "relay:idempotency:"
+
+# Returns {} when the caller took the key, else the existing record's fields.
+CLAIM_SCRIPT = """
+local record = redis.call('HMGET', KEYS[1], 'fingerprint', 'owner', 'lease_until', 'event')
+local now = tonumber(ARGV[3])
+if record[1] then
+  if record[1] ~= ARGV[1] or record[4] or tonumber(record[3]) > now then
+    return record
+  end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'owner', ARGV[2],
+           'lease_until', tostring(now + tonumber(ARGV[4])))
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return {}
+"""
+
+COMPLETE_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'event', ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+"""
+
+RELEASE_SCRIPT = """
+local record = redis.call('HMGET', KEYS[1], 'owner', 'event')
+if record[1] == ARGV[1] and not record[2] then redis.call('DEL', KEYS[1]) end
+"""
+
+
+class RedisStore:
+    def __init__(self, url: str, lease_s: float, retention_s: float) -> None:
+        self._redis = Redis.from_url(url)
+        self._lease_s = lease_s
+        self._retention_ms = int(retention_s * 1000)
+        self._claim = self._redis.register_script(CLAIM_SCRIPT)
+        self._complete = self._redis.register_script(COMPLETE_SCRIPT)
+        self._release = self._redis.register_script(RELEASE_SCRIPT)
+
+    async def claim(self, key: str, fingerprint: str, owner: str) -> ClaimResult:
+        now = time.time()
+        record = await self._claim(
+            keys=[KEY_PREFIX + key],
+            args=[fingerprint, owner, repr(now), repr(self._lease_s), self._retention_ms],
+        )
+        if not record:
+            return Claimed()
+        stored_fp, holder, lease_until, event = (
+            v.decode() if isinstance(v, bytes) else v for v in record
+        )
+        row = (stored_fp, holder, float(lease_until), event)
+        return _decide(row, fingerprint, now) or Claimed()
+
+    async def complete(self, key: str, owner: str, event: ResultEvent) -> None:
+        await self._complete(
+            keys=[KEY_PREFIX + key], args=[event.model_dump_json(), self._retention_ms]
+        )
+
+    async def release(self, key: str, owner: str) -> None:
+        await self._release(keys=[KEY_PREFIX + key], args=[owner])
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+

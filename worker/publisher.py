@@ -1,0 +1,73 @@
+"""Publishing result events and dead letters, on the connection's thread.
+
+With RabbitMQ the connection has publisher confirms on, so ``publish`` returns only once
+the broker has the message; the delivery is acked after that, never before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import Producer
+from kombu.message import Message
+
+from schemas.events import EVENT_CONTENT_TYPE, ResultEvent
+from worker.topology import Topology
+
+PERSISTENT = 2
+
+
+class Publisher:
+    def __init__(self, producer: Producer, topology: Topology) -> None:
+        self._producer = producer
+        self._topology = topology
+
+    def publish_event(self, event: ResultEvent, command: Message) -> None:
+        """To the events exchange, and to the command's ``reply_to`` when it has one."""
+        body = event.model_dump_json().encode()
+        properties = command.properties
+        self._publish(body, self._topology.events.name, event.routing_key, event.id)
+        reply_to = properties.get("reply_to")
+        if reply_to:
+            correlation_id = properties.get("correlation_id") or properties.get("message_id")
+            self._publish(body, "", reply_to, event.id, correlation_id=correlation_id)
+
+    def dead_letter(self, command: Message, event: ResultEvent | None, reason: str) -> None:
+        """Keep the original message, with why it is here, in the dead-letter queue."""
+        headers: dict[str, Any] = dict(command.headers or {})
+        headers["x-relay-reason"] = reason
+        if event is not None:
+            headers["x-relay-event-id"] = event.id
+            if event.data.error is not None:
+                headers["x-relay-error-code"] = str(event.data.error.code)
+        self._producer.publish(
+            command.body,
+            exchange="",
+            routing_key=self._topology.dead_letter_queue.name,
+            content_type=command.content_type or "application/octet-stream",
+            content_encoding=command.content_encoding or "binary",
+            headers=headers,
+            delivery_mode=PERSISTENT,
+            message_id=command.properties.get("message_id"),
+            retry=False,
+        )
+
+    def _publish(
+        self,
+        body: bytes,
+        exchange: str,
+        routing_key: str,
+        message_id: str,
+        correlation_id: str | None = None,
+    ) -> None:
+        self._producer.publish(
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            content_type=EVENT_CONTENT_TYPE,
+            content_encoding="utf-8",
+            delivery_mode=PERSISTENT,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            retry=False,
+        )

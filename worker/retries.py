@@ -1,0 +1,60 @@
+"""The one retry policy for vendor calls.
+
+Exponential back-off with full jitter, on :class:`~worker.errors.TransientFailure` only,
+bounded both by an attempt cap and by a deadline; a ``Retry-After`` from the vendor
+replaces the computed wait. Sleeping is injected, so tests run without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from worker.errors import TransientFailure, VendorThrottled
+
+Sleep = Callable[[float], Awaitable[None]]
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently one vendor request is tried."""
+
+    max_attempts: int = 5
+    initial_wait_s: float = 0.5
+    max_wait_s: float = 30.0
+    sleep: Sleep = field(default=asyncio.sleep, compare=False)
+    clock: Clock = field(default=time.monotonic, compare=False)
+
+    def wait_s(self, state: RetryCallState) -> float:
+        """The pause before the next attempt: Retry-After when given, else full jitter."""
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, VendorThrottled) and error.retry_after_s is not None:
+            return error.retry_after_s
+        jitter = wait_random_exponential(multiplier=self.initial_wait_s, max=self.max_wait_s)
+        return float(jitter(state))
+
+    def retrying(self, deadline: float) -> AsyncRetrying:
+        """A tenacity loop that stops at the cap, or when the next try would start past
+        ``deadline`` (a :attr:`clock` reading); the last error is re-raised."""
+
+        def past_deadline(state: RetryCallState) -> bool:
+            return self.clock() + (state.upcoming_sleep or 0.0) >= deadline
+
+        return AsyncRetrying(
+            retry=retry_if_exception_type(TransientFailure),
+            stop=stop_after_attempt(self.max_attempts) | past_deadline,
+            wait=self.wait_s,
+            sleep=self.sleep,
+            reraise=True,
+        )

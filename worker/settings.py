@@ -1,0 +1,93 @@
+"""All configuration, read once from ``RELAY_*`` environment variables.
+
+Nested values use ``__``: ``RELAY_TENANTS__DEFAULT__ESET__PASSWORD=…`` sets the password
+of the ESET account of tenant ``default``. Secrets are ``SecretStr`` so they never print.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EsetRegion = Literal["eu", "de", "us", "ca", "jpn"]
+
+
+class _Account(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EsetAccount(_Account):
+    """A dedicated ESET Connect API user (Integrations switched on)."""
+
+    region: EsetRegion = "eu"
+    username: str
+    password: SecretStr
+
+
+class FylrAccount(_Account):
+    """A fylr OAuth2 client; with ``username`` the password grant, else client credentials."""
+
+    base_url: str
+    client_id: str
+    client_secret: SecretStr
+    username: str | None = None
+    password: SecretStr | None = None
+
+
+class SpaazaAccount(_Account):
+    """A Spaaza privileged access token, sent as ``Bearer id:secret``."""
+
+    base_url: str
+    token_id: str
+    token_secret: SecretStr
+
+
+class Tenant(_Account):
+    """The vendor accounts one tenant acts with; a command names the tenant, never a host."""
+
+    eset: EsetAccount | None = None
+    fylr: FylrAccount | None = None
+    spaaza: SpaazaAccount | None = None
+
+
+class Settings(BaseSettings):
+    """Every setting of the worker; the README's configuration table lists them."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RELAY_", env_nested_delimiter="__", frozen=True, extra="ignore"
+    )
+
+    # Broker: sqla+sqlite:// is the embedded default; amqp:// selects RabbitMQ.
+    broker_url: str = "sqla+sqlite:///.relay/broker.sqlite3"
+    command_exchange: str = "relay.commands"
+    command_queue: str = "relay.commands"
+    event_exchange: str = "relay.events"
+    dead_letter_queue: str = "relay.commands.dead"
+    concurrency: int = Field(default=32, ge=1, le=1000)
+    delivery_limit: int = Field(default=5, ge=1)
+    broker_poll_interval_s: float = Field(default=0.02, gt=0)
+
+    # Idempotency store: sqlite:///path (default) or redis://…
+    idempotency_url: str = "sqlite:///.relay/idempotency.sqlite3"
+    idempotency_retention_s: float = Field(default=24 * 3600, gt=0)
+    claim_lease_s: float = Field(default=300, gt=0)
+
+    # Vendor calls
+    http_timeout_s: float = Field(default=45, gt=0)  # ESET holds a call ~30 s before a 202
+    retry_max_attempts: int = Field(default=5, ge=1)
+    retry_initial_wait_s: float = Field(default=0.5, ge=0)
+    retry_max_wait_s: float = Field(default=30, ge=0)
+    command_timeout_s: float = Field(default=600, gt=0)
+    collect_interval_s: float = Field(default=2, ge=0)
+    eset_host_template: str = "https://{region}.{service}.eset.systems"
+    token_refresh_margin_s: float = Field(default=300, ge=0)
+    rate_limits: dict[str, str] = {"eset": "10/second"}
+    rate_limit_url: str = "memory://"
+
+    # Operations
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    tenants: dict[str, Tenant] = {}

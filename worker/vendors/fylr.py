@@ -1,0 +1,47 @@
+"""fylr: cancel a running task (``POST /api/v1/task/{id}/cancel``).
+
+A 200 only sets ``run_canceled_at``; the task runner later moves the task to ``canceled``.
+A task that is not running, or already asked to cancel, answers 400: a refusal, not a
+transient error, so it is not retried.
+"""
+
+from __future__ import annotations
+
+from schemas.commands import CancelTaskParams
+from worker.settings import FylrAccount
+from worker.vendors.auth import Form
+from worker.vendors.http import CallBudget, VendorHttp, VendorReply, VendorRequest
+
+
+def token_url(account: FylrAccount) -> str:
+    return f"{account.base_url.rstrip('/')}/api/oauth2/token"
+
+
+def grant(account: FylrAccount) -> Form:
+    """The password grant when a user is configured (scope offline: a refresh token too),
+    else client credentials."""
+    form: Form = {"client_id": account.client_id, "client_secret": account.client_secret}
+    if account.username and account.password:
+        return {
+            **form,
+            "grant_type": "password",
+            "username": account.username,
+            "password": account.password,
+            "scope": "offline",
+        }
+    return {**form, "grant_type": "client_credentials"}
+
+
+class FylrClient:
+    def __init__(self, account: FylrAccount, http: VendorHttp) -> None:
+        self._base = account.base_url.rstrip("/")
+        self._http = http
+
+    async def cancel_task(self, params: CancelTaskParams, budget: CallBudget) -> VendorReply:
+        request = VendorRequest(
+            vendor="fylr",
+            method="POST",
+            url=f"{self._base}/api/v1/task/{params.task_id}/cancel",
+            route="/api/v1/task/{taskId}/cancel",
+        )
+        return await self._http.call(request, budget)

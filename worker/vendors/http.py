@@ -1,0 +1,239 @@
+"""One vendor request, sent the way the vendors document: authenticated, within the rate
+limit, retried with back-off, and for ESET followed through its 202 "request cached" answer.
+
+ESET answers a slow call with ``202`` and a ``response-id``; the result is collected by
+sending the *identical* request again with a ``response-id`` header until it answers
+200. A mutation that got a 202 is never sent again without ``response-id``: the vendor
+may already have done it, so a lost cache (404) or a vendor timeout (504) during the
+collect fails the command as ``result_lost`` instead of risking the action twice. A read
+(GET) is simply asked again.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import httpx
+
+from schemas.events import ErrorCode, VendorName
+from worker.errors import PermanentFailure, TransientFailure, VendorThrottled
+from worker.retries import RetryPolicy
+
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+# While collecting, 504 means "ESET gave up waiting": not a pause to retry through.
+COLLECT_RETRYABLE_STATUSES = frozenset({429, 500, 502, 503})
+MAX_ERROR_TEXT = 300
+
+
+@dataclass(frozen=True)
+class VendorRequest:
+    """What to send; ``route`` is the URL template, for logs and spans."""
+
+    vendor: VendorName
+    method: str
+    url: str
+    route: str
+    json: Any = None
+
+    @property
+    def is_mutation(self) -> bool:
+        return self.method != "GET"
+
+
+@dataclass(frozen=True)
+class VendorReply:
+    """The vendor's answer, as the result event reports it."""
+
+    vendor: VendorName
+    status: int
+    body: Any
+    request_id: str | None = None
+    response_id: str | None = None
+    retry_after_s: float | None = None
+
+
+@dataclass
+class CallBudget:
+    """Per-command bookkeeping shared by every request the command makes."""
+
+    deadline: float  # a RetryPolicy.clock reading; no new attempt starts after it
+    attempts: int = 0
+    collects: int = 0
+    statuses: list[int] = field(default_factory=list)
+
+
+class Auth(Protocol):
+    """Supplies the Authorization header; told when the vendor rejected it."""
+
+    async def authorization(self) -> str: ...
+
+    def invalidate(self, rejected: str) -> None: ...
+
+
+class RateSlot(Protocol):
+    """Waits until the vendor account may be called once more."""
+
+    async def acquire(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class VendorHttp:
+    """Sends requests for one vendor account."""
+
+    client: httpx.AsyncClient
+    auth: Auth
+    rate_slot: RateSlot
+    policy: RetryPolicy
+    collect_interval_s: float = 2.0
+    follows_202: bool = False
+
+    async def call(self, request: VendorRequest, budget: CallBudget) -> VendorReply:
+        """The final 2xx answer; raises a :class:`~worker.errors.RelayError` otherwise."""
+        reply = await self._send_with_retries(request, budget, response_id=None)
+        if reply.status == 202 and self.follows_202 and reply.response_id:
+            reply = await self._collect(request, reply.response_id, budget)
+        if reply.status >= 400:
+            raise refused(reply)
+        return reply
+
+    async def _send_with_retries(
+        self, request: VendorRequest, budget: CallBudget, response_id: str | None
+    ) -> VendorReply:
+        reply: VendorReply | None = None
+        async for attempt in self.policy.retrying(budget.deadline):
+            with attempt:
+                if response_id is None:
+                    budget.attempts += 1
+                else:
+                    budget.collects += 1
+                reply = await self._send_once(request, response_id)
+                budget.statuses.append(reply.status)
+                retryable = RETRYABLE_STATUSES if response_id is None else COLLECT_RETRYABLE_STATUSES
+                if reply.status in retryable:
+                    raise transient(reply)
+        assert reply is not None  # tenacity re-raises when no attempt succeeded
+        return reply
+
+    async def _send_once(self, request: VendorRequest, response_id: str | None) -> VendorReply:
+        await self.rate_slot.acquire()
+        authorization = await self.auth.authorization()
+        response = await self._http(request, authorization, response_id)
+        if response.status_code == 401:
+            # Tokens can be revoked or expire early: renew once, then take the answer.
+            self.auth.invalidate(authorization)
+            await self.rate_slot.acquire()
+            response = await self._http(request, await self.auth.authorization(), response_id)
+        return as_reply(request.vendor, response, response_id)
+
+    async def _http(
+        self, request: VendorRequest, authorization: str, response_id: str | None
+    ) -> httpx.Response:
+        headers = {"Authorization": authorization}
+        if response_id is not None:
+            headers["response-id"] = response_id
+        try:
+            return await self.client.request(
+                request.method, request.url, json=request.json, headers=headers
+            )
+        except httpx.TransportError as error:
+            raise TransientFailure(
+                ErrorCode.VENDOR_UNAVAILABLE,
+                f"{request.vendor} could not be reached: {type(error).__name__}",
+            ) from error
+
+    async def _collect(
+        self, request: VendorRequest, response_id: str, budget: CallBudget
+    ) -> VendorReply:
+        while True:
+            if self.policy.clock() + self.collect_interval_s >= budget.deadline:
+                raise PermanentFailure(
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    f"{request.vendor} had not finished by the command's deadline; its answer "
+                    f"stays cached for a while under response-id {response_id}",
+                    vendor_status=202,
+                )
+            await self.policy.sleep(self.collect_interval_s)
+            reply = await self._send_with_retries(request, budget, response_id)
+            if reply.status == 202:
+                continue
+            if reply.status in (404, 504):
+                return await self._after_lost_cache(request, reply, budget)
+            return replace(reply, response_id=response_id)
+
+    async def _after_lost_cache(
+        self, request: VendorRequest, reply: VendorReply, budget: CallBudget
+    ) -> VendorReply:
+        if request.is_mutation:
+            raise PermanentFailure(
+                ErrorCode.RESULT_LOST,
+                f"{request.vendor} accepted the request (202) but its answer could not be "
+                f"collected (status {reply.status}); it may or may not have taken effect, "
+                "so it was not sent again: check before re-sending",
+                vendor_status=reply.status,
+                reply=reply,
+            )
+        return await self.call(request, budget)  # a read is safe to ask again
+
+
+def as_reply(vendor: VendorName, response: httpx.Response, response_id: str | None) -> VendorReply:
+    return VendorReply(
+        vendor=vendor,
+        status=response.status_code,
+        body=_json_or_text(response),
+        request_id=response.headers.get("request-id"),
+        response_id=response.headers.get("response-id", response_id),
+        retry_after_s=retry_after_s(response.headers.get("retry-after")),
+    )
+
+
+def _json_or_text(response: httpx.Response) -> Any:
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        return response.text[:MAX_ERROR_TEXT]
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def transient(reply: VendorReply) -> TransientFailure:
+    message = f"{reply.vendor} answered {reply.status}{_detail(reply)}"
+    if reply.status == 429:
+        return VendorThrottled(message, retry_after_s=reply.retry_after_s, reply=reply)
+    return TransientFailure(
+        ErrorCode.VENDOR_UNAVAILABLE, message, vendor_status=reply.status, reply=reply
+    )
+
+
+def refused(reply: VendorReply) -> PermanentFailure:
+    code = ErrorCode.VENDOR_AUTH_FAILED if reply.status in (401, 403) else ErrorCode.VENDOR_REJECTED
+    return PermanentFailure(
+        code,
+        f"{reply.vendor} refused the request with {reply.status}{_detail(reply)}",
+        vendor_status=reply.status,
+        reply=reply,
+    )
+
+
+def _detail(reply: VendorReply) -> str:
+    body = reply.body
+    if isinstance(body, dict):
+        text = body.get("message") or body.get("description") or body.get("error")
+        if text:
+            return f": {str(text)[:MAX_ERROR_TEXT]}"
+    return ""
