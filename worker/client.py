@@ -46,10 +46,22 @@ class CommandClient:
     def publish(self, command: dict[str, Any], reply_to: str | None = None) -> str:
         """Publish ``command`` as JSON to the commands exchange; returns its message id."""
         message_id = str(command.get("id") or uuid.uuid4())
+        routing_key = str(command.get("type", "unknown"))
+        self.publish_raw(json.dumps(command).encode(), message_id, reply_to, routing_key)
+        return message_id
+
+    def publish_raw(
+        self,
+        body: bytes,
+        message_id: str,
+        reply_to: str | None = None,
+        routing_key: str = "unknown",
+    ) -> None:
+        """Publish ``body`` unchanged (whatever it holds) as a command message."""
         self._producer.publish(
-            json.dumps(command).encode(),
+            body,
             exchange=self._topology.commands,
-            routing_key=str(command.get("type", "unknown")),
+            routing_key=routing_key,
             content_type="application/json",
             content_encoding="utf-8",
             delivery_mode=PERSISTENT,
@@ -57,7 +69,6 @@ class CommandClient:
             reply_to=reply_to,
             retry=True,
         )
-        return message_id
 
     def events(self, timeout_s: float) -> Iterator[tuple[ResultEvent, str | None]]:
         """Result events arriving on the reply queue, with their correlation ids, until

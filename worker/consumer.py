@@ -35,7 +35,7 @@ from worker.topology import Topology
 log = logging.getLogger(__name__)
 
 Submit = Callable[[Command], "Future[Settlement]"]
-IDLE_WAIT_S = 1.0
+IDLE_WAIT_S = 0.25
 RECONNECT_MAX_WAIT_S = 30.0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from limits import RateLimitItem, parse
 from limits.aio.strategies import MovingWindowRateLimiter
@@ -25,7 +26,7 @@ class RateLimits:
 
     def __init__(self, limits_by_vendor: dict[str, str], storage_url: str = "memory://") -> None:
         self._items = {vendor: parse(text) for vendor, text in limits_by_vendor.items()}
-        storage = storage_from_string(_async_url(storage_url))
+        storage = _storage(storage_url)
         self._limiter = MovingWindowRateLimiter(storage)  # type: ignore[arg-type]
 
     def slot(self, vendor: str, account: str) -> RateSlot | Unlimited:
@@ -57,6 +58,10 @@ class Unlimited:
         return None
 
 
-def _async_url(url: str) -> str:
-    # The handlers run on asyncio, so the limits storage must be its async flavour.
-    return url if url.startswith("async+") else f"async+{url}"
+def _storage(url: str) -> Any:
+    # The handlers run on asyncio, so the storage must be the async flavour; for Redis,
+    # through redis-py (the worker's own Redis client) rather than coredis.
+    async_url = url if url.startswith("async+") else f"async+{url}"
+    if "redis" in url:
+        return storage_from_string(async_url, implementation="redispy")
+    return storage_from_string(async_url)

@@ -1,0 +1,88 @@
+"""A worker running in a thread against a sandbox, and a client to talk to it."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from kombu import Consumer
+
+from schemas.events import ResultEvent
+from worker.broker import connect
+from worker.client import CommandClient
+from worker.demo import sandbox_settings
+from worker.sandbox import SandboxServer
+from worker.service import RelayService
+from worker.settings import Settings
+from worker.topology import Topology
+
+
+class RunningRelay:
+    def __init__(self, settings: Settings, client: CommandClient) -> None:
+        self.settings = settings
+        self.client = client
+        self.reply_to = client.reply_queue()
+
+    def send(self, command: dict[str, Any]) -> str:
+        return self.client.publish(command, reply_to=self.reply_to)
+
+    def send_raw(self, body: bytes, message_id: str | None = None) -> str:
+        """Publish bytes as they are, the way a broken publisher would."""
+        message_id = message_id or str(uuid.uuid4())
+        self.client.publish_raw(body, message_id=message_id, reply_to=self.reply_to)
+        return message_id
+
+    def events(self, count: int, timeout_s: float = 20.0) -> list[ResultEvent]:
+        received = []
+        for event, _ in self.client.events(timeout_s):
+            received.append(event)
+            if len(received) == count:
+                break
+        assert len(received) == count, f"got {len(received)} of {count} events"
+        return received
+
+    def dead_letters(self, timeout_s: float = 2.0) -> list[Any]:
+        """Take every message waiting in the dead-letter queue."""
+        queue = Topology.from_settings(self.settings).dead_letter_queue
+        taken: list[Any] = []
+        with connect(self.settings.broker_url) as connection:
+            with Consumer(connection, queues=[queue], on_message=taken.append):
+                try:
+                    while True:
+                        connection.drain_events(timeout=timeout_s)
+                except TimeoutError:
+                    pass
+            for message in taken:
+                message.ack()
+        return taken
+
+
+@contextmanager
+def running_relay(sandbox: SandboxServer, **overrides: Any) -> Iterator[RunningRelay]:
+    """A worker with its own queues (unique names), stopped on exit."""
+    suffix = uuid.uuid4().hex[:8]
+    values: dict[str, Any] = {
+        "command_exchange": f"test.commands.{suffix}",
+        "command_queue": f"test.commands.{suffix}",
+        "event_exchange": f"test.events.{suffix}",
+        "dead_letter_queue": f"test.commands.dead.{suffix}",
+        "retry_initial_wait_s": 0.01,
+        "collect_interval_s": 0.05,
+        **overrides,
+    }
+    settings = sandbox_settings(sandbox.base_url, sandbox.state.config, **values)
+    service = RelayService(settings)
+    stop = threading.Event()
+    thread = threading.Thread(target=service.run, args=(stop,), name="relay")
+    thread.start()
+    try:
+        assert service.consumer.connected.wait(10), "worker did not connect"
+        with CommandClient(settings.broker_url, Topology.from_settings(settings)) as client:
+            yield RunningRelay(settings, client)
+    finally:
+        stop.set()
+        thread.join(30)
+        assert not thread.is_alive(), "worker did not stop"

@@ -1,0 +1,65 @@
+"""Fault switches a test or demo flips at runtime, and the draw of one call's fault."""
+
+from random import Random
+
+from pydantic import ConfigDict, Field, field_validator
+from pydantic.dataclasses import dataclass
+
+PENDING = 202
+_SERVER_ERRORS = (500, 502, 503)
+
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class ScriptedFault:
+    """One planned answer, consumed by the first vendor API call it matches.
+
+    `status` 202 is a real ESET pending answer (the request is cached and collectable);
+    it matches only fresh ESET calls, never a collect or another vendor. Any other
+    status is answered as that error, with the vendor's error body.
+    """
+
+    status: int
+    path_contains: str | None = None
+
+    @field_validator("status")
+    @classmethod
+    def _is_pending_or_error(cls, status: int) -> int:
+        if status != PENDING and not 400 <= status <= 599:
+            raise ValueError("a scripted fault is 202 or an error status (400-599)")
+        return status
+
+    def matches(self, path: str, *, pending_allowed: bool) -> bool:
+        """True when this fault applies to a call on `path`."""
+        if self.status == PENDING and not pending_allowed:
+            return False
+        return self.path_contains is None or self.path_contains in path
+
+
+@dataclass(config=ConfigDict(extra="forbid", validate_assignment=True))
+class Faults:
+    """Switches read on every vendor API call (token calls are never faulted)."""
+
+    latency_ms: float = Field(default=0, ge=0)
+    accepted_first_rate: float = Field(default=0, ge=0, le=1)
+    throttle_rate: float = Field(default=0, ge=0, le=1)
+    error_rate: float = Field(default=0, ge=0, le=1)
+    script: list[ScriptedFault] = Field(default_factory=list)
+
+
+def pick_fault(faults: Faults, path: str, rng: Random, *, pending_allowed: bool) -> int | None:
+    """Status the call must answer instead of its normal answer, or None.
+
+    A matching scripted fault wins and is consumed; then the random draws, in the order
+    throttle, server error, pending (202 only where `pending_allowed`).
+    """
+    for index, scripted in enumerate(faults.script):
+        if scripted.matches(path, pending_allowed=pending_allowed):
+            del faults.script[index]
+            return scripted.status
+    if faults.throttle_rate and rng.random() < faults.throttle_rate:
+        return 429
+    if faults.error_rate and rng.random() < faults.error_rate:
+        return rng.choice(_SERVER_ERRORS)
+    if pending_allowed and faults.accepted_first_rate and rng.random() < faults.accepted_first_rate:
+        return PENDING
+    return None

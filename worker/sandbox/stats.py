@@ -1,0 +1,41 @@
+"""Counters a test or demo reads to see what the vendors saw."""
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+
+class Counters:
+    """Calls, statuses, applied effects, collects and 429s; not thread-safe."""
+
+    def __init__(self) -> None:
+        self._calls: Counter[str] = Counter()
+        self._statuses: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        self._effects: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        self._collects = 0
+        self._throttled = 0
+
+    def record(self, route: str, status: int) -> None:
+        """One answered call of `route`."""
+        self._calls[route] += 1
+        self._statuses[route][str(status)] += 1
+        if status == 429:
+            self._throttled += 1
+
+    def effect(self, route: str, keys: Iterable[str]) -> None:
+        """The effect of `route` was applied once to each resource in `keys`."""
+        self._effects[route].update(keys)
+
+    def collect(self) -> None:
+        """One ESET collect (a request carrying `response-id`)."""
+        self._collects += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """A plain-dict copy, safe to keep and to serialise as JSON."""
+        return {
+            "calls": dict(self._calls),
+            "statuses": {route: dict(counts) for route, counts in self._statuses.items()},
+            "effects": {route: dict(counts) for route, counts in self._effects.items()},
+            "collects": self._collects,
+            "throttled": self._throttled,
+        }
