@@ -7,7 +7,7 @@ Parse a command body with :func:`parse_command`; it raises
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AwareDatetime,
@@ -20,7 +20,7 @@ from pydantic import (
 from schemas._base import ContractModel
 
 CommandType = Literal["update-triggers", "batch-delete", "cancel-task", "fetch-patching"]
-COMMAND_TYPES: tuple[str, ...] = CommandType.__args__
+COMMAND_TYPES: tuple[str, ...] = get_args(CommandType)
 
 # ESET accepts at most this many objects in one quarantine batch (inference from its
 # list page size maximum; a larger batch is a validation error there too).

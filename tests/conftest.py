@@ -23,8 +23,9 @@ REDIS_URL = os.environ.get("RELAY_TEST_REDIS_URL", "redis://localhost:6379/15")
 
 def _reachable(url: str, default_port: int) -> bool:
     parsed = urlparse(url)
+    address = (parsed.hostname or "localhost", parsed.port or default_port)
     try:
-        with socket.create_connection((parsed.hostname or "localhost", parsed.port or default_port), 1):
+        with socket.create_connection(address, timeout=1):
             return True
     except OSError:
         return False

@@ -145,3 +145,7 @@ def _print_summary_and_event(event: ResultEvent) -> None:
         line += f" error={data.error.code}: {data.error.message}"
     typer.echo(line)
     typer.echo(f"  {event.model_dump_json()}")
+
+
+if __name__ == "__main__":
+    app()

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -82,10 +82,8 @@ class CommandClient:
         with consumer:
             give_up_at = time.monotonic() + timeout_s
             while time.monotonic() < give_up_at:
-                try:
+                with contextlib.suppress(TimeoutError):
                     self._connection.drain_events(timeout=min(0.5, timeout_s))
-                except (TimeoutError, socket.timeout):
-                    pass
                 while received:
                     message = received.pop(0)
                     message.ack()
@@ -97,8 +95,7 @@ class CommandClient:
 
     def close(self) -> None:
         if self._replies is not None:
-            try:
+            # The broker may have dropped it already (auto-delete).
+            with contextlib.suppress(*self._connection.channel_errors):
                 self._replies.bind(self._channel).delete()
-            except self._connection.channel_errors:
-                pass  # the broker dropped it already (auto-delete)
         self._connection.release()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -104,7 +103,7 @@ class CommandConsumer:
         wait_s = self._settings.poll_interval_s if self._in_flight else IDLE_WAIT_S
         try:
             connection.drain_events(timeout=wait_s)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             connection.heartbeat_check()
 
     def _finish_in_flight(self, connection: Connection, publisher: Publisher) -> None:
@@ -113,7 +112,7 @@ class CommandConsumer:
             self._settle_finished(publisher)
             try:
                 connection.drain_events(timeout=self._settings.poll_interval_s)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 connection.heartbeat_check()
         if self._in_flight:
             # Unacked deliveries go back to the queue when the channel closes; their

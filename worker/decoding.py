@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
 
 from pydantic import ValidationError
 
 from schemas.commands import COMMAND_TYPES, Command, parse_command
 from schemas.events import ErrorCode
 from worker.errors import CommandRejected
+from worker.results import CommandFields
 
 MAX_PROBLEMS = 5
 
@@ -58,7 +58,7 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return ".".join(parts) or "(message)"
 
 
-def identity(body: bytes | str, message_id: str | None) -> dict[str, Any]:
+def identity(body: bytes | str, message_id: str | None) -> CommandFields:
     """Whatever can be read of a rejected message, to address its event."""
     try:
         data = json.loads(body)

@@ -23,7 +23,7 @@ from worker.idempotency import (
     InProgress,
     fingerprint,
 )
-from worker.results import now, outcome_of, rejection, result_event
+from worker.results import CommandFields, now, outcome_of, rejection, result_event
 from worker.retries import RetryPolicy
 from worker.vendors import Vendors
 from worker.vendors.http import CallBudget
@@ -166,7 +166,7 @@ class Handler:
         )
 
 
-def _event_fields(command: Command) -> dict[str, str | None]:
+def _event_fields(command: Command) -> CommandFields:
     return {
         "command_id": command.command_id,
         "idempotency_key": command.key,

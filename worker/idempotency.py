@@ -8,10 +8,10 @@ retention period.
 
 ``claim`` answers what happened, atomically, and races are settled by the store:
 
-* :class:`Claimed` – this worker now holds the key and must do the work;
-* :class:`InProgress` – a live holder is doing it: defer, do not call the vendor;
-* :class:`Completed` – done before: replay the stored event;
-* :class:`Conflict` – the key was used for a different payload: reject.
+* :class:`Claimed`: this worker now holds the key and must do the work;
+* :class:`InProgress`: a live holder is doing it: defer, do not call the vendor;
+* :class:`Completed`: done before: replay the stored event;
+* :class:`Conflict`: the key was used for a different payload: reject.
 
 Backends: SQLite (one host; the default) and Redis (a fleet), chosen by URL.
 """

@@ -27,7 +27,7 @@ class RateLimits:
     def __init__(self, limits_by_vendor: dict[str, str], storage_url: str = "memory://") -> None:
         self._items = {vendor: parse(text) for vendor, text in limits_by_vendor.items()}
         storage = _storage(storage_url)
-        self._limiter = MovingWindowRateLimiter(storage)  # type: ignore[arg-type]
+        self._limiter = MovingWindowRateLimiter(storage)
 
     def slot(self, vendor: str, account: str) -> RateSlot | Unlimited:
         """The slot one vendor account's calls wait for."""

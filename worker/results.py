@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TypedDict
 
 from schemas.events import ErrorCode, ErrorInfo, Outcome, ResultData, ResultEvent, VendorAnswer
 from worker.errors import CommandRejected, RelayError
 from worker.vendors.http import VendorReply
+
+
+class CommandFields(TypedDict):
+    """What addresses an event to its command."""
+
+    command_id: str
+    idempotency_key: str | None
+    command_type: str | None
+    tenant: str | None
 
 
 def now() -> datetime:

@@ -19,6 +19,7 @@ from tenacity import (
     stop_after_attempt,
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 
 from worker.errors import TransientFailure, VendorThrottled
 
@@ -48,13 +49,21 @@ class RetryPolicy:
         """A tenacity loop that stops at the cap, or when the next try would start past
         ``deadline`` (a :attr:`clock` reading); the last error is re-raised."""
 
-        def past_deadline(state: RetryCallState) -> bool:
-            return self.clock() + (state.upcoming_sleep or 0.0) >= deadline
-
         return AsyncRetrying(
             retry=retry_if_exception_type(TransientFailure),
-            stop=stop_after_attempt(self.max_attempts) | past_deadline,
+            stop=stop_after_attempt(self.max_attempts) | StopBeforeDeadline(deadline, self.clock),
             wait=self.wait_s,
             sleep=self.sleep,
             reraise=True,
         )
+
+
+class StopBeforeDeadline(stop_base):
+    """Stop when the next attempt, after its pause, would start past the deadline."""
+
+    def __init__(self, deadline: float, clock: Clock) -> None:
+        self.deadline = deadline
+        self.clock = clock
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.clock() + (retry_state.upcoming_sleep or 0.0) >= self.deadline

@@ -8,7 +8,7 @@ import socket
 import threading
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import httpx
 
@@ -33,7 +33,6 @@ class Overrides:
     transport: httpx.AsyncBaseTransport | None = None
     sleep: Sleep | None = None
     shutdown_grace_s: float = 30.0
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 class RelayService:
@@ -49,8 +48,9 @@ class RelayService:
             max_attempts=settings.retry_max_attempts,
             initial_wait_s=settings.retry_initial_wait_s,
             max_wait_s=settings.retry_max_wait_s,
-            **({"sleep": self._overrides.sleep} if self._overrides.sleep else {}),
         )
+        if self._overrides.sleep is not None:
+            policy = replace(policy, sleep=self._overrides.sleep)
         rate_limits = RateLimits(settings.rate_limits, settings.rate_limit_url)
         self.vendors = Vendors(settings, rate_limits, policy, self._overrides.transport)
         self.handler = Handler(

@@ -51,7 +51,7 @@ async def call(
     refusal = await gate(state, vendor, request)
     if refusal is not None:
         return refusal
-    fault = state.pick_fault(request.url.path, pending_allowed=False)
+    fault = state.pick_fault(request.scope["path"], pending_allowed=False)
     if fault is not None:
         return vendor_error(vendor, fault)
     return operation(request.path_params, await request.body())

@@ -18,6 +18,7 @@ from schemas.commands import (
     Command,
     EsetUpdateTriggersParams,
     FetchPatchingCommand,
+    SpaazaUpdateTriggersParams,
     UpdateTriggersCommand,
 )
 from schemas.events import ErrorCode
@@ -58,7 +59,7 @@ class Vendors:
         match command:
             case UpdateTriggersCommand(params=EsetUpdateTriggersParams() as params):
                 return await self.eset(command.tenant).update_task_triggers(params, budget)
-            case UpdateTriggersCommand(params=params):
+            case UpdateTriggersCommand(params=SpaazaUpdateTriggersParams() as params):
                 return await self.spaaza(command.tenant).update_task(params, budget)
             case BatchDeleteCommand(params=params):
                 return await self.eset(command.tenant).batch_delete(params, budget)
@@ -132,6 +133,7 @@ class Vendors:
             fylr.grant(account),
             vendor="fylr",
             refresh_margin_s=self._settings.token_refresh_margin_s,
+            client_fields=fylr.client(account),
         )
         account_key = f"{account.base_url}|{account.client_id}|{account.username or ''}"
         return FylrClient(account, self._vendor_http(client, auth, "fylr", account_key))

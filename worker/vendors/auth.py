@@ -44,10 +44,13 @@ class OAuthToken:
         grant: Form,
         vendor: str,
         refresh_margin_s: float = 300.0,
+        client_fields: Form | None = None,
     ) -> None:
         self._client = client
         self._token_url = token_url
         self._grant = grant
+        # OAuth2 clients (fylr) authenticate every grant, the refresh grant included.
+        self._client_fields: Form = client_fields or {}
         self._vendor = vendor
         self._margin_s = refresh_margin_s
         self._access: str | None = None
@@ -72,14 +75,18 @@ class OAuthToken:
     async def _renew(self) -> None:
         if self._refresh is not None:
             try:
-                await self._fetch({"grant_type": "refresh_token", "refresh_token": self._refresh})
+                refresh: Form = {"grant_type": "refresh_token", "refresh_token": self._refresh}
+                await self._fetch({**self._client_fields, **refresh})
                 return
             except PermanentFailure:
                 self._refresh = None  # refresh token expired or revoked: log in again
-        await self._fetch(self._grant)
+        await self._fetch({**self._client_fields, **self._grant})
 
     async def _fetch(self, form: Form) -> None:
-        plain = {k: v.get_secret_value() if isinstance(v, SecretStr) else v for k, v in form.items()}
+        plain = {
+            name: value.get_secret_value() if isinstance(value, SecretStr) else value
+            for name, value in form.items()
+        }
         try:
             response = await self._client.post(self._token_url, data=plain)
         except httpx.TransportError as error:

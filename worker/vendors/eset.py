@@ -39,7 +39,7 @@ class EsetClient:
     async def update_task_triggers(
         self, params: EsetUpdateTriggersParams, budget: CallBudget
     ) -> VendorReply:
-        triggers = [
+        triggers: list[dict[str, dict[str, str]]] = [
             {"manual": {"expireTime": t.manual.expire_time.isoformat()}}
             if t.manual.expire_time
             else {"manual": {}}

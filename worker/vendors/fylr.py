@@ -17,19 +17,22 @@ def token_url(account: FylrAccount) -> str:
     return f"{account.base_url.rstrip('/')}/api/oauth2/token"
 
 
+def client(account: FylrAccount) -> Form:
+    """The OAuth2 client's own credentials, sent with every grant."""
+    return {"client_id": account.client_id, "client_secret": account.client_secret}
+
+
 def grant(account: FylrAccount) -> Form:
     """The password grant when a user is configured (scope offline: a refresh token too),
     else client credentials."""
-    form: Form = {"client_id": account.client_id, "client_secret": account.client_secret}
     if account.username and account.password:
         return {
-            **form,
             "grant_type": "password",
             "username": account.username,
             "password": account.password,
             "scope": "offline",
         }
-    return {**form, "grant_type": "client_credentials"}
+    return {"grant_type": "client_credentials"}
 
 
 class FylrClient:

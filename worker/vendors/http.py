@@ -111,7 +111,8 @@ class VendorHttp:
                     budget.collects += 1
                 reply = await self._send_once(request, response_id)
                 budget.statuses.append(reply.status)
-                retryable = RETRYABLE_STATUSES if response_id is None else COLLECT_RETRYABLE_STATUSES
+                collecting = response_id is not None
+                retryable = COLLECT_RETRYABLE_STATUSES if collecting else RETRYABLE_STATUSES
                 if reply.status in retryable:
                     raise transient(reply)
         assert reply is not None  # tenacity re-raises when no attempt succeeded
