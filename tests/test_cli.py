@@ -30,3 +30,33 @@ def test_every_subcommand_has_help():
             capture_output=True, text=True, timeout=60,
         )
         assert done.returncode == 0 and "Usage" in done.stdout
+
+
+def test_send_with_wait_prints_the_result_event(sandbox, data_dir: Path):
+    """`command-relay send … --wait` against a running worker on the embedded broker."""
+    import json
+    import os
+
+    from .harness import running_relay
+
+    broker_url = f"sqla+sqlite:///{data_dir / 'broker.sqlite3'}"
+    with running_relay(
+        sandbox, broker_url=broker_url, idempotency_url=f"sqlite:///{data_dir / 'idem.sqlite3'}"
+    ) as relay:
+        env = {
+            **os.environ,
+            "RELAY_BROKER_URL": broker_url,
+            "RELAY_COMMAND_EXCHANGE": relay.settings.command_exchange,
+            "RELAY_COMMAND_QUEUE": relay.settings.command_queue,
+            "RELAY_EVENT_EXCHANGE": relay.settings.event_exchange,
+            "RELAY_DEAD_LETTER_QUEUE": relay.settings.dead_letter_queue,
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "worker.cli", "send", "cancel-task",
+             "--params", '{"task_id": 31}', "--wait", "--timeout", "30"],
+            capture_output=True, text=True, timeout=90, env=env,
+        )
+    assert done.returncode == 0, done.stderr
+    event = json.loads(done.stdout)
+    assert (event["data"]["type"], event["data"]["outcome"]) == ("cancel-task", "succeeded")
+    assert sandbox.state.stats()["effects"]["fylr.cancel"] == {"31": 1}
