@@ -12,33 +12,42 @@ from kombu import Consumer
 
 from schemas.events import ResultEvent
 from worker.broker import connect
-from worker.client import CommandClient
+from worker.client import CommandClient, Reply
 from worker.demo import sandbox_settings
 from worker.sandbox import SandboxServer
 from worker.service import RelayService
 from worker.settings import Settings
+from worker.telemetry import Telemetry
 from worker.topology import Topology
 
 
 class RunningRelay:
-    def __init__(self, settings: Settings, client: CommandClient) -> None:
+    def __init__(self, settings: Settings, client: CommandClient, service: RelayService) -> None:
         self.settings = settings
         self.client = client
+        self.service = service
         self.reply_to = client.reply_queue()
 
     def send(self, command: dict[str, Any]) -> str:
         return self.client.publish(command, reply_to=self.reply_to)
 
-    def send_raw(self, body: bytes, message_id: str | None = None) -> str:
+    def send_raw(
+        self, body: bytes, message_id: str | None = None, headers: dict[str, Any] | None = None
+    ) -> str:
         """Publish bytes as they are, the way a broken publisher would."""
         message_id = message_id or str(uuid.uuid4())
-        self.client.publish_raw(body, message_id=message_id, reply_to=self.reply_to)
+        self.client.publish_raw(
+            body, message_id=message_id, reply_to=self.reply_to, headers=headers
+        )
         return message_id
 
     def events(self, count: int, timeout_s: float = 20.0) -> list[ResultEvent]:
+        return [reply.event for reply in self.replies(count, timeout_s)]
+
+    def replies(self, count: int, timeout_s: float = 20.0) -> list[Reply]:
         received = []
-        for event, _ in self.client.events(timeout_s):
-            received.append(event)
+        for reply in self.client.events(timeout_s):
+            received.append(reply)
             if len(received) == count:
                 break
         assert len(received) == count, f"got {len(received)} of {count} events"
@@ -61,7 +70,9 @@ class RunningRelay:
 
 
 @contextmanager
-def running_relay(sandbox: SandboxServer, **overrides: Any) -> Iterator[RunningRelay]:
+def running_relay(
+    sandbox: SandboxServer, telemetry: Telemetry | None = None, **overrides: Any
+) -> Iterator[RunningRelay]:
     """A worker with its own queues (unique names), stopped on exit."""
     suffix = uuid.uuid4().hex[:8]
     values: dict[str, Any] = {
@@ -74,14 +85,14 @@ def running_relay(sandbox: SandboxServer, **overrides: Any) -> Iterator[RunningR
         **overrides,
     }
     settings = sandbox_settings(sandbox.base_url, sandbox.state.config, **values)
-    service = RelayService(settings)
+    service = RelayService(settings, telemetry=telemetry)
     stop = threading.Event()
     thread = threading.Thread(target=service.run, args=(stop,), name="relay")
     thread.start()
     try:
         assert service.consumer.connected.wait(10), "worker did not connect"
         with CommandClient(settings.broker_url, Topology.from_settings(settings)) as client:
-            yield RunningRelay(settings, client)
+            yield RunningRelay(settings, client, service)
     finally:
         stop.set()
         thread.join(30)

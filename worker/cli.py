@@ -30,13 +30,15 @@ def run() -> None:
     from worker import logs
     from worker.service import RelayService
     from worker.settings import Settings
+    from worker.telemetry import from_environment
 
     settings = Settings()
     logs.configure(settings.log_level, settings.log_format)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    RelayService(settings).run(stop)
+    telemetry = from_environment(prometheus=settings.health_port is not None)
+    RelayService(settings, telemetry=telemetry).run(stop)
 
 
 @app.command()
@@ -84,10 +86,10 @@ def send(
         typer.echo(f"sent {command.get('type')} {message_id}", err=True)
         if not wait:
             return
-        for event, correlation_id in client.events(timeout):
-            if correlation_id == message_id:
-                _print_event(event)
-                raise typer.Exit(0 if event.data.outcome == "succeeded" else 1)
+        for reply in client.events(timeout):
+            if reply.correlation_id == message_id:
+                _print_event(reply.event)
+                raise typer.Exit(0 if reply.event.data.outcome == "succeeded" else 1)
     typer.echo(f"no result event within {timeout:g}s", err=True)
     raise typer.Exit(2)
 

@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from kombu import Consumer, Producer, Queue
@@ -18,6 +19,15 @@ from worker.broker import connect
 from worker.topology import Topology
 
 PERSISTENT = 2
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A result event as it arrived on the reply queue."""
+
+    event: ResultEvent
+    correlation_id: str | None
+    headers: dict[str, Any]
 
 
 class CommandClient:
@@ -56,6 +66,7 @@ class CommandClient:
         message_id: str,
         reply_to: str | None = None,
         routing_key: str = "unknown",
+        headers: dict[str, Any] | None = None,
     ) -> None:
         """Publish ``body`` unchanged (whatever it holds) as a command message."""
         self._producer.publish(
@@ -67,12 +78,13 @@ class CommandClient:
             delivery_mode=PERSISTENT,
             message_id=message_id,
             reply_to=reply_to,
+            headers=headers or {},
             retry=True,
         )
 
-    def events(self, timeout_s: float) -> Iterator[tuple[ResultEvent, str | None]]:
-        """Result events arriving on the reply queue, with their correlation ids, until
-        ``timeout_s`` passes without one."""
+    def events(self, timeout_s: float) -> Iterator[Reply]:
+        """Result events arriving on the reply queue, until ``timeout_s`` passes without
+        one."""
         received: list[Message] = []
         consumer = Consumer(
             self._channel,
@@ -88,9 +100,10 @@ class CommandClient:
                     message = received.pop(0)
                     message.ack()
                     give_up_at = time.monotonic() + timeout_s
-                    yield (
+                    yield Reply(
                         ResultEvent.model_validate_json(message.body),
                         message.properties.get("correlation_id"),
+                        dict(message.headers or {}),
                     )
 
     def close(self) -> None:

@@ -15,11 +15,12 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kombu import Connection, Producer
 from kombu import Consumer as KombuConsumer
 from kombu.message import Message
+from opentelemetry.trace import Span, StatusCode
 
 from schemas.commands import Command
 from schemas.events import ErrorCode, ErrorInfo
@@ -29,13 +30,24 @@ from worker.errors import CommandRejected
 from worker.handler import Action, Settlement
 from worker.publisher import Publisher
 from worker.results import now, rejection, result_event
+from worker.telemetry import Telemetry, start_process_span
 from worker.topology import Topology
 
 log = logging.getLogger(__name__)
 
-Submit = Callable[[Command], "Future[Settlement]"]
+Submit = Callable[[Command, Span], "Future[Settlement]"]
 IDLE_WAIT_S = 0.25
 RECONNECT_MAX_WAIT_S = 30.0
+
+
+@dataclass
+class Delivery:
+    """One message between receipt and settlement."""
+
+    message: Message
+    span: Span  # the process span; ended at settlement
+    received_at: float = field(default_factory=time.monotonic)
+    attributes: dict[str, str] = field(default_factory=dict)  # type and tenant, for metrics
 
 
 @dataclass(frozen=True)
@@ -48,11 +60,19 @@ class ConsumerSettings:
 
 
 class CommandConsumer:
-    def __init__(self, settings: ConsumerSettings, topology: Topology, submit: Submit) -> None:
+    def __init__(
+        self,
+        settings: ConsumerSettings,
+        topology: Topology,
+        submit: Submit,
+        telemetry: Telemetry,
+    ) -> None:
         self._settings = settings
         self._topology = topology
         self._submit = submit
-        self._finished: queue.SimpleQueue[tuple[Message, Future[Settlement]]] = (
+        self._telemetry = telemetry
+        self._metrics = telemetry.instruments
+        self._finished: queue.SimpleQueue[tuple[Delivery, Future[Settlement]]] = (
             queue.SimpleQueue()
         )
         self._in_flight = 0
@@ -83,7 +103,9 @@ class CommandConsumer:
     def _consume(self, connection: Connection, stop: threading.Event) -> None:
         channel = connection.channel()
         self._topology.declare(channel)
-        publisher = self._publisher = Publisher(Producer(channel), self._topology)
+        publisher = self._publisher = Publisher(
+            Producer(channel), self._topology, self._telemetry.tracer
+        )
         consumer = KombuConsumer(
             channel,
             queues=[self._topology.command_queue],
@@ -121,26 +143,43 @@ class CommandConsumer:
 
     def _on_message(self, message: Message) -> None:
         message_id = message.properties.get("message_id")
+        span = start_process_span(
+            self._telemetry.tracer,
+            self._topology.command_queue.name,
+            message.headers,
+            message.delivery_info.get("routing_key"),
+            message_id,
+        )
+        delivery = Delivery(message, span)
+        self._metrics.in_flight.add(1)
         try:
             command = decode_command(message.body, message_id)
         except CommandRejected as error:
             event = rejection(error.code, error.message, **identity(message.body, message_id))
             log.info("message rejected", extra={"error_code": error.code, "message_id": message_id})
             assert self._publisher is not None  # set before consuming starts
-            self._settle(message, Settlement(event, Action.DEAD_LETTER), self._publisher)
+            self._settle(delivery, Settlement(event, Action.DEAD_LETTER), self._publisher)
             return
+        delivery.attributes = {"relay.command.type": command.type, "relay.tenant": command.tenant}
+        span.set_attributes(
+            {
+                **delivery.attributes,
+                "relay.command.id": command.command_id,
+                "relay.idempotency_key": command.key,
+            }
+        )
         self._in_flight += 1
-        future = self._submit(command)
-        future.add_done_callback(lambda f: self._finished.put((message, f)))
+        future = self._submit(command, span)
+        future.add_done_callback(lambda f: self._finished.put((delivery, f)))
 
     def _settle_finished(self, publisher: Publisher) -> None:
         while True:
             try:
-                message, future = self._finished.get_nowait()
+                delivery, future = self._finished.get_nowait()
             except queue.Empty:
                 return
             self._in_flight -= 1
-            self._settle(message, self._settlement(message, future), publisher)
+            self._settle(delivery, self._settlement(delivery.message, future), publisher)
 
     def _settlement(self, message: Message, future: Future[Settlement]) -> Settlement:
         error = future.exception()
@@ -158,13 +197,33 @@ class CommandConsumer:
         )
         return Settlement(event, Action.DEAD_LETTER)
 
-    def _settle(self, message: Message, settlement: Settlement, publisher: Publisher) -> None:
-        if settlement.action is Action.REQUEUE:
-            message.requeue()
-            return
-        if settlement.event is not None:
-            publisher.publish_event(settlement.event, message)
-        if settlement.action is Action.DEAD_LETTER:
-            outcome = settlement.event.data.outcome if settlement.event else "failed"
-            publisher.dead_letter(message, settlement.event, reason=outcome)
-        message.ack()
+    def _settle(self, delivery: Delivery, settlement: Settlement, publisher: Publisher) -> None:
+        message, event = delivery.message, settlement.event
+        try:
+            if settlement.action is Action.REQUEUE:
+                message.requeue()
+                return
+            if event is not None:
+                publisher.publish_event(event, message, delivery.span)
+            if settlement.action is Action.DEAD_LETTER:
+                publisher.dead_letter(message, event, reason=event.data.outcome if event else "")
+                self._metrics.dead_letters.add(1, delivery.attributes)
+            message.ack()
+        finally:
+            self._record(delivery, settlement)
+
+    def _record(self, delivery: Delivery, settlement: Settlement) -> None:
+        event = settlement.event
+        outcome = event.data.outcome if event else "requeued"
+        attributes = {**delivery.attributes, "relay.outcome": outcome}
+        self._metrics.in_flight.add(-1)
+        self._metrics.commands.add(1, attributes)
+        self._metrics.command_duration.record(time.monotonic() - delivery.received_at, attributes)
+        if event is not None and event.data.replayed:
+            self._metrics.replays.add(1, delivery.attributes)
+        delivery.span.set_attribute("relay.outcome", outcome)
+        if event is not None and event.data.error is not None:
+            delivery.span.set_attribute("error.type", str(event.data.error.code))
+            if outcome == "failed":
+                delivery.span.set_status(StatusCode.ERROR, event.data.error.message)
+        delivery.span.end()

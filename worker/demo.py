@@ -22,6 +22,7 @@ from worker.client import CommandClient
 from worker.sandbox import Faults, SandboxConfig, SandboxServer, ScriptedFault
 from worker.service import RelayService
 from worker.settings import EsetAccount, FylrAccount, Settings, SpaazaAccount, Tenant
+from worker.telemetry import from_environment
 from worker.topology import Topology
 
 
@@ -96,7 +97,8 @@ def run_demo(timeout_s: float, show: Callable[[ResultEvent], None]) -> bool:
             broker_url=f"sqla+sqlite:///{Path(tmp, 'broker.sqlite3')}",
             idempotency_url=f"sqlite:///{Path(tmp, 'idempotency.sqlite3')}",
         )
-        service = RelayService(settings)
+        # OTEL_TRACES_EXPORTER=console shows the demo's traces (see the README).
+        service = RelayService(settings, telemetry=from_environment())
         stop = threading.Event()
         worker = threading.Thread(target=service.run, args=(stop,), name="worker")
         worker.start()
@@ -114,10 +116,10 @@ def _publish_and_collect(
         reply_to = client.reply_queue()
         pending = {client.publish(c, reply_to=reply_to) for c in demo_commands()}
         outcomes = []
-        for event, correlation_id in client.events(timeout_s):
-            show(event)
-            pending.discard(correlation_id or "")
-            outcomes.append(event.data.outcome)
+        for reply in client.events(timeout_s):
+            show(reply.event)
+            pending.discard(reply.correlation_id or "")
+            outcomes.append(reply.event.data.outcome)
             if not pending:
                 break
         return not pending and all(o == "succeeded" for o in outcomes)

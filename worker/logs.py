@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from typing import TextIO
 
+from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
 # Bearer tokens, OAuth fields and password-ish key/value pairs, in any text that may get
@@ -38,8 +40,20 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def configure(level: str = "INFO", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+class TraceContextFilter(logging.Filter):
+    """Adds the current trace and span ids, so a log line leads to its trace."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            record.trace_id = format(context.trace_id, "032x")
+            record.span_id = format(context.span_id, "016x")
+        return True
+
+
+def handler_for(fmt: str, stream: TextIO = sys.stderr) -> logging.Handler:
+    """A handler writing ``text`` or ``json`` lines, trace ids added, secrets scrubbed."""
+    handler = logging.StreamHandler(stream)
     if fmt == "json":
         handler.setFormatter(
             JsonFormatter(
@@ -49,7 +63,13 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
         )
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.addFilter(TraceContextFilter())
     handler.addFilter(RedactingFilter())
+    return handler
+
+
+def configure(level: str = "INFO", fmt: str = "text") -> None:
+    handler = handler_for(fmt)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

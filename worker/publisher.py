@@ -10,27 +10,35 @@ from typing import Any
 
 from kombu import Producer
 from kombu.message import Message
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, Tracer
 
 from schemas.events import EVENT_CONTENT_TYPE, ResultEvent
+from worker.telemetry import messaging_attributes, trace_headers
 from worker.topology import Topology
 
 PERSISTENT = 2
+DEFAULT_EXCHANGE = "amq.default"  # the conventions' name for RabbitMQ's nameless exchange
 
 
 class Publisher:
-    def __init__(self, producer: Producer, topology: Topology) -> None:
+    def __init__(self, producer: Producer, topology: Topology, tracer: Tracer) -> None:
         self._producer = producer
         self._topology = topology
+        self._tracer = tracer
 
-    def publish_event(self, event: ResultEvent, command: Message) -> None:
-        """To the events exchange, and to the command's ``reply_to`` when it has one."""
+    def publish_event(self, event: ResultEvent, command: Message, parent: Span) -> None:
+        """To the events exchange, and to the command's ``reply_to`` when it has one; each
+        publish is a PRODUCER span under ``parent`` whose context travels in the headers."""
         body = event.model_dump_json().encode()
         properties = command.properties
-        self._publish(body, self._topology.events.name, event.routing_key, event.id)
+        context = trace.set_span_in_context(parent)
+        self._publish(body, self._topology.events.name, event.routing_key, event.id, context)
         reply_to = properties.get("reply_to")
         if reply_to:
             correlation_id = properties.get("correlation_id") or properties.get("message_id")
-            self._publish(body, "", reply_to, event.id, correlation_id=correlation_id)
+            self._publish(body, "", reply_to, event.id, context, correlation_id)
 
     def dead_letter(self, command: Message, event: ResultEvent | None, reason: str) -> None:
         """Keep the original message, with why it is here, in the dead-letter queue."""
@@ -58,16 +66,28 @@ class Publisher:
         exchange: str,
         routing_key: str,
         message_id: str,
+        context: Context,
         correlation_id: str | None = None,
     ) -> None:
-        self._producer.publish(
-            body,
-            exchange=exchange,
-            routing_key=routing_key,
-            content_type=EVENT_CONTENT_TYPE,
-            content_encoding="utf-8",
-            delivery_mode=PERSISTENT,
-            message_id=message_id,
-            correlation_id=correlation_id,
-            retry=False,
-        )
+        destination = exchange or DEFAULT_EXCHANGE
+        with self._tracer.start_as_current_span(
+            f"publish {destination}",
+            context=context,
+            kind=trace.SpanKind.PRODUCER,
+            attributes={
+                **messaging_attributes(destination, routing_key, message_id, "send"),
+                "messaging.operation.name": "publish",
+            },
+        ) as span:
+            self._producer.publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                content_type=EVENT_CONTENT_TYPE,
+                content_encoding="utf-8",
+                delivery_mode=PERSISTENT,
+                message_id=message_id,
+                correlation_id=correlation_id,
+                headers=trace_headers(span),
+                retry=False,
+            )

@@ -11,19 +11,25 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 import httpx
+from opentelemetry import context, trace
+from opentelemetry.trace import Span
 
 from schemas.commands import Command
 from worker.consumer import CommandConsumer, ConsumerSettings
 from worker.handler import Handler, HandlerTimings, Settlement
+from worker.health import Check, create_health_app
+from worker.http_server import BackgroundServer
 from worker.idempotency import IdempotencyStore, open_store
 from worker.ratelimit import RateLimits
 from worker.retries import RetryPolicy, Sleep
 from worker.runtime import HandlerLoop
 from worker.settings import Settings
+from worker.telemetry import Telemetry
 from worker.topology import Topology
 from worker.vendors import Vendors
 
 log = logging.getLogger(__name__)
+STORE_PING_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -36,9 +42,16 @@ class Overrides:
 
 
 class RelayService:
-    def __init__(self, settings: Settings, overrides: Overrides | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        overrides: Overrides | None = None,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.settings = settings
         self._overrides = overrides or Overrides()
+        self.telemetry = telemetry or Telemetry.using()
+        self.health: BackgroundServer | None = None  # serving while run() runs, if enabled
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.loop = HandlerLoop()
         self.store: IdempotencyStore = open_store(
@@ -52,7 +65,9 @@ class RelayService:
         if self._overrides.sleep is not None:
             policy = replace(policy, sleep=self._overrides.sleep)
         rate_limits = RateLimits(settings.rate_limits, settings.rate_limit_url)
-        self.vendors = Vendors(settings, rate_limits, policy, self._overrides.transport)
+        self.vendors = Vendors(
+            settings, rate_limits, policy, self.telemetry, self._overrides.transport
+        )
         self.handler = Handler(
             self.store,
             self.vendors,
@@ -69,18 +84,47 @@ class RelayService:
             ),
             Topology.from_settings(settings),
             self._submit,
+            self.telemetry,
         )
 
-    def _submit(self, command: Command) -> Future[Settlement]:
-        return self.loop.submit(self.handler.handle(command))
+    def _submit(self, command: Command, span: Span) -> Future[Settlement]:
+        return self.loop.submit(self._handle_in(span, command))
+
+    async def _handle_in(self, span: Span, command: Command) -> Settlement:
+        # The handler's spans (vendor calls) become children of the delivery's span.
+        token = context.attach(trace.set_span_in_context(span))
+        try:
+            return await self.handler.handle(command)
+        finally:
+            context.detach(token)
+
+    def ready(self) -> dict[str, Check]:
+        """Readiness checks: the broker connection, and the store answering a ping."""
+        return {
+            "broker": self.consumer.connected.is_set,
+            "store": lambda: self.loop.run(self.store.ping(), STORE_PING_TIMEOUT_S) is None,
+        }
 
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set, then finish in-flight work and close everything."""
         self.loop.start()
+        health = self.health = None
+        if self.settings.health_port is not None:
+            health = self.health = BackgroundServer(
+                create_health_app(self.ready()),
+                self.settings.health_host,
+                self.settings.health_port,
+                "health",
+            )
+            health.start()
+            log.info("health endpoints on port %d", health.port)
         try:
             self.consumer.run(stop)
         finally:
+            if health is not None:
+                health.stop()
             self.loop.run(self.vendors.aclose())
             self.loop.run(self.store.close())
             self.loop.stop()
+            self.telemetry.shutdown()
             log.info("stopped")

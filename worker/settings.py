@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     rate_limit_url: str = "memory://"
 
     # Operations
+    health_port: int | None = Field(default=None, ge=0, le=65535)  # /healthz /readyz /metrics
+    health_host: str = "0.0.0.0"
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 

@@ -26,6 +26,7 @@ from worker.errors import CommandRejected
 from worker.ratelimit import RateLimits
 from worker.retries import RetryPolicy
 from worker.settings import Settings, Tenant
+from worker.telemetry import Telemetry
 from worker.vendors import eset, fylr
 from worker.vendors.auth import OAuthToken, StaticBearer
 from worker.vendors.eset import EsetClient
@@ -45,17 +46,27 @@ class Vendors:
         settings: Settings,
         rate_limits: RateLimits,
         policy: RetryPolicy,
+        telemetry: Telemetry | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._settings = settings
         self._rate_limits = rate_limits
         self._policy = policy
+        self._telemetry = telemetry or Telemetry.using()
         self._transport = transport  # tests may swap the network for a fake
         self._clients: dict[tuple[str, str], EsetClient | FylrClient | SpaazaClient] = {}
         self._http_clients: list[httpx.AsyncClient] = []
 
     async def execute(self, command: Command, budget: CallBudget) -> VendorReply:
         """The vendor's final answer to the command; raises a RelayError otherwise."""
+        try:
+            return await self._dispatch(command, budget)
+        finally:
+            self._telemetry.instruments.vendor_duration.record(
+                budget.vendor_time_s, {"relay.command.type": command.type}
+            )
+
+    async def _dispatch(self, command: Command, budget: CallBudget) -> VendorReply:
         match command:
             case UpdateTriggersCommand(params=EsetUpdateTriggersParams() as params):
                 return await self.eset(command.tenant).update_task_triggers(params, budget)
@@ -160,6 +171,7 @@ class Vendors:
             auth=auth,
             rate_slot=self._rate_limits.slot(vendor, account_key),
             policy=self._policy,
+            telemetry=self._telemetry,
             collect_interval_s=self._settings.collect_interval_s,
             follows_202=follows_202,
         )

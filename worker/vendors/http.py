@@ -17,10 +17,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import httpx
+from opentelemetry import trace
 
 from schemas.events import ErrorCode, VendorName
 from worker.errors import PermanentFailure, TransientFailure, VendorThrottled
 from worker.retries import RetryPolicy
+from worker.telemetry import Telemetry
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 # While collecting, 504 means "ESET gave up waiting": not a pause to retry through.
@@ -63,6 +65,7 @@ class CallBudget:
     attempts: int = 0
     collects: int = 0
     statuses: list[int] = field(default_factory=list)
+    vendor_time_s: float = 0.0  # time spent waiting on vendor HTTP answers
 
 
 class Auth(Protocol):
@@ -87,6 +90,7 @@ class VendorHttp:
     auth: Auth
     rate_slot: RateSlot
     policy: RetryPolicy
+    telemetry: Telemetry = field(default_factory=Telemetry.using)
     collect_interval_s: float = 2.0
     follows_202: bool = False
 
@@ -107,9 +111,10 @@ class VendorHttp:
             with attempt:
                 if response_id is None:
                     budget.attempts += 1
+                    self.telemetry.instruments.attempts.add(1, {"relay.vendor": request.vendor})
                 else:
                     budget.collects += 1
-                reply = await self._send_once(request, response_id)
+                reply = await self._send_once(request, response_id, budget)
                 budget.statuses.append(reply.status)
                 collecting = response_id is not None
                 retryable = COLLECT_RETRYABLE_STATUSES if collecting else RETRYABLE_STATUSES
@@ -118,32 +123,55 @@ class VendorHttp:
         assert reply is not None  # tenacity re-raises when no attempt succeeded
         return reply
 
-    async def _send_once(self, request: VendorRequest, response_id: str | None) -> VendorReply:
-        await self.rate_slot.acquire()
+    async def _send_once(
+        self, request: VendorRequest, response_id: str | None, budget: CallBudget
+    ) -> VendorReply:
         authorization = await self.auth.authorization()
-        response = await self._http(request, authorization, response_id)
+        response = await self._http(request, authorization, response_id, budget)
         if response.status_code == 401:
             # Tokens can be revoked or expire early: renew once, then take the answer.
             self.auth.invalidate(authorization)
-            await self.rate_slot.acquire()
-            response = await self._http(request, await self.auth.authorization(), response_id)
+            authorization = await self.auth.authorization()
+            response = await self._http(request, authorization, response_id, budget)
         return as_reply(request.vendor, response, response_id)
 
     async def _http(
-        self, request: VendorRequest, authorization: str, response_id: str | None
+        self,
+        request: VendorRequest,
+        authorization: str,
+        response_id: str | None,
+        budget: CallBudget,
     ) -> httpx.Response:
+        """One HTTP exchange, as a CLIENT span, after a rate-limit slot."""
+        metrics = self.telemetry.instruments
+        waited_from = time.monotonic()
+        await self.rate_slot.acquire()
+        sent_at = time.monotonic()
+        metrics.rate_limit_wait.record(sent_at - waited_from, {"relay.vendor": request.vendor})
         headers = {"Authorization": authorization}
         if response_id is not None:
             headers["response-id"] = response_id
-        try:
-            return await self.client.request(
-                request.method, request.url, json=request.json, headers=headers
-            )
-        except httpx.TransportError as error:
-            raise TransientFailure(
-                ErrorCode.VENDOR_UNAVAILABLE,
-                f"{request.vendor} could not be reached: {type(error).__name__}",
-            ) from error
+        with self.telemetry.tracer.start_as_current_span(
+            f"{request.method} {request.route}",
+            kind=trace.SpanKind.CLIENT,
+            attributes=_span_attributes(request, response_id, budget),
+        ) as span:
+            try:
+                response = await self.client.request(
+                    request.method, request.url, json=request.json, headers=headers
+                )
+            except httpx.TransportError as error:
+                span.set_attribute("error.type", type(error).__name__)
+                raise TransientFailure(
+                    ErrorCode.VENDOR_UNAVAILABLE,
+                    f"{request.vendor} could not be reached: {type(error).__name__}",
+                ) from error
+            finally:
+                budget.vendor_time_s += time.monotonic() - sent_at
+            _record_response(span, response)
+        status = {"relay.vendor": request.vendor, "http.response.status_code": response.status_code}
+        metrics.vendor_responses.add(1, status)
+        return response
 
     async def _collect(
         self, request: VendorRequest, response_id: str, budget: CallBudget
@@ -177,6 +205,37 @@ class VendorHttp:
                 reply=reply,
             )
         return await self.call(request, budget)  # a read is safe to ask again
+
+
+def _span_attributes(
+    request: VendorRequest, response_id: str | None, budget: CallBudget
+) -> dict[str, str | int | bool]:
+    url = httpx.URL(request.url)
+    attributes: dict[str, str | int | bool] = {
+        "http.request.method": request.method,
+        "url.full": request.url,
+        "url.template": request.route,
+        "server.address": url.host,
+        "relay.vendor": request.vendor,
+        "relay.collect": response_id is not None,
+    }
+    if url.port:
+        attributes["server.port"] = url.port
+    if response_id is None and budget.attempts > 1:
+        attributes["http.request.resend_count"] = budget.attempts - 1
+    if response_id is not None:
+        attributes["relay.vendor.response_id"] = response_id
+    return attributes
+
+
+def _record_response(span: trace.Span, response: httpx.Response) -> None:
+    span.set_attribute("http.response.status_code", response.status_code)
+    request_id = response.headers.get("request-id")
+    if request_id:
+        span.set_attribute("relay.vendor.request_id", request_id)
+    if response.status_code >= 400:
+        span.set_attribute("error.type", str(response.status_code))
+        span.set_status(trace.StatusCode.ERROR)
 
 
 def as_reply(vendor: VendorName, response: httpx.Response, response_id: str | None) -> VendorReply:
