@@ -27,7 +27,7 @@ from schemas.events import ErrorCode, ErrorInfo
 from worker.broker import connect
 from worker.decoding import decode_command, identity
 from worker.errors import CommandRejected
-from worker.handler import Action, Settlement
+from worker.handler import Action, DeliveryInfo, Settlement
 from worker.publisher import Publisher
 from worker.results import now, rejection, result_event
 from worker.telemetry import Telemetry, start_process_span
@@ -35,7 +35,7 @@ from worker.topology import Topology
 
 log = logging.getLogger(__name__)
 
-Submit = Callable[[Command, Span], "Future[Settlement]"]
+Submit = Callable[[Command, DeliveryInfo, Span], "Future[Settlement]"]
 IDLE_WAIT_S = 0.25
 RECONNECT_MAX_WAIT_S = 30.0
 
@@ -55,6 +55,7 @@ class ConsumerSettings:
     broker_url: str
     prefetch: int
     poll_interval_s: float  # how soon finished work is settled while work is in flight
+    delivery_limit: int = 10
     shutdown_grace_s: float = 30.0
     heartbeat_s: int = 30
 
@@ -68,7 +69,7 @@ class CommandConsumer:
         telemetry: Telemetry,
     ) -> None:
         self._settings = settings
-        self._topology = topology
+        self.topology = topology
         self._submit = submit
         self._telemetry = telemetry
         self._metrics = telemetry.instruments
@@ -102,19 +103,19 @@ class CommandConsumer:
 
     def _consume(self, connection: Connection, stop: threading.Event) -> None:
         channel = connection.channel()
-        self._topology.declare(channel)
+        self.topology.declare(channel)
         publisher = self._publisher = Publisher(
-            Producer(channel), self._topology, self._telemetry.tracer
+            Producer(channel), self.topology, self._telemetry.tracer
         )
         consumer = KombuConsumer(
             channel,
-            queues=[self._topology.command_queue],
+            queues=[self.topology.command_queue],
             on_message=self._on_message,
             prefetch_count=self._settings.prefetch,
         )
         with consumer:
             self.connected.set()
-            log.info("consuming", extra={"queue": self._topology.command_queue.name})
+            log.info("consuming", extra={"queue": self.topology.command_queue.name})
             while not stop.is_set():
                 self._settle_finished(publisher)
                 self._drain(connection)
@@ -145,7 +146,7 @@ class CommandConsumer:
         message_id = message.properties.get("message_id")
         span = start_process_span(
             self._telemetry.tracer,
-            self._topology.command_queue.name,
+            self.topology.command_queue.name,
             message.headers,
             message.delivery_info.get("routing_key"),
             message_id,
@@ -169,8 +170,19 @@ class CommandConsumer:
             }
         )
         self._in_flight += 1
-        future = self._submit(command, span)
+        future = self._submit(command, self._delivery_info(message), span)
         future.add_done_callback(lambda f: self._finished.put((delivery, f)))
+
+    def _delivery_info(self, message: Message) -> DeliveryInfo:
+        headers = message.headers or {}
+        # Quorum queues count earlier deliveries in x-delivery-count and dead-letter past
+        # the limit; the last one allowed is used to fail the command with an event.
+        redeliveries = _int(headers.get("x-delivery-count"))
+        return DeliveryInfo(
+            retries=_int(headers.get("x-relay-retries")),
+            attempts=_int(headers.get("x-relay-attempts")),
+            last_delivery=redeliveries >= self._settings.delivery_limit - 1,
+        )
 
     def _settle_finished(self, publisher: Publisher) -> None:
         while True:
@@ -203,6 +215,11 @@ class CommandConsumer:
             if settlement.action is Action.REQUEUE:
                 message.requeue()
                 return
+            if settlement.action is Action.DELAY:
+                queue = self.topology.delay_queues[settlement.delay_s].name
+                publisher.delay(message, queue, settlement.retries, settlement.attempts)
+                message.ack()
+                return
             if event is not None:
                 publisher.publish_event(event, message, delivery.span)
             if settlement.action is Action.DEAD_LETTER:
@@ -227,3 +244,8 @@ class CommandConsumer:
             if outcome == "failed":
                 delivery.span.set_status(StatusCode.ERROR, event.data.error.message)
         delivery.span.end()
+
+
+def _int(value: object) -> int:
+    """A header's count; anything else (absent, mangled by a publisher) counts as 0."""
+    return int(value) if isinstance(value, int | str) and str(value).isdigit() else 0

@@ -13,7 +13,7 @@ from datetime import datetime
 from enum import Enum
 
 from schemas.commands import Command
-from schemas.events import ErrorCode, ResultEvent
+from schemas.events import ErrorCode, ErrorInfo, ResultEvent
 from worker.errors import CommandRejected, RelayError
 from worker.idempotency import (
     Claimed,
@@ -35,6 +35,7 @@ class Action(Enum):
     ACK = "ack"
     DEAD_LETTER = "dead_letter"  # the original is kept in the dead-letter queue
     REQUEUE = "requeue"
+    DELAY = "delay"  # back to the command queue after a delay queue's TTL; the original is acked
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class Settlement:
 
     event: ResultEvent | None
     action: Action
+    delay_s: float = 0.0  # DELAY: how long the command waits before it comes back
+    retries: int = 0  # DELAY: the delayed retries it will have taken
+    attempts: int = 0  # DELAY: the vendor calls made for it so far
 
     @classmethod
     def for_event(cls, event: ResultEvent) -> Settlement:
@@ -51,9 +55,24 @@ class Settlement:
 
 
 @dataclass(frozen=True)
+class DeliveryInfo:
+    """What the broker's headers say about this delivery of the command."""
+
+    retries: int = 0  # delayed retries already taken
+    attempts: int = 0  # vendor calls made by earlier deliveries
+    last_delivery: bool = False  # the broker dead-letters it if this delivery fails too
+
+
+@dataclass(frozen=True)
 class HandlerTimings:
-    command_timeout_s: float  # the in-process budget of one command
-    defer_poll_s: float = 0.5  # how often a duplicate looks whether the holder finished
+    command_timeout_s: float  # the longest one delivery works on a command (collects too)
+    # With delay queues (RabbitMQ), back-off beyond ``retry_in_process_s`` goes through
+    # them instead of holding the delivery; without (embedded broker) ``retry_delays_s`` is
+    # empty and retries stay in process for the whole command timeout.
+    retry_in_process_s: float = 20.0
+    retry_delays_s: tuple[float, ...] = ()
+    defer_s: float = 2.0  # a duplicate of work in progress elsewhere comes back after this
+    defer_poll_s: float = 0.5  # without delay queues: how often a duplicate looks again
 
 
 class Handler:
@@ -71,8 +90,9 @@ class Handler:
         self._timings = timings
         self._owner = owner  # this process, as the holder of idempotency claims
 
-    async def handle(self, command: Command) -> Settlement:
+    async def handle(self, command: Command, delivery: DeliveryInfo | None = None) -> Settlement:
         """Claim the key, run the command (or replay / defer / reject), store the event."""
+        delivery = delivery or DeliveryInfo()
         try:
             self._check_acceptable(command)
         except CommandRejected as error:
@@ -86,10 +106,15 @@ class Handler:
                 case Conflict():
                     return Settlement.for_event(self._conflict(command))
                 case Claimed():
-                    return Settlement.for_event(await self._run_claimed(command, deadline))
+                    return await self._run_claimed(command, deadline, delivery)
                 case InProgress(lease_left_s=lease_left_s):
-                    # Another delivery of this key is being worked on: wait for its result
-                    # rather than call the vendor a second time.
+                    # Another delivery of this key is being worked on: come back for its
+                    # result rather than call the vendor a second time.
+                    if self._timings.retry_delays_s:
+                        return Settlement(
+                            None, Action.DELAY, self._timings.defer_s,
+                            delivery.retries, delivery.attempts,
+                        )
                     if self._policy.clock() + self._timings.defer_poll_s >= deadline:
                         return Settlement(None, Action.REQUEUE)
                     await self._policy.sleep(min(self._timings.defer_poll_s, lease_left_s))
@@ -110,26 +135,44 @@ class Handler:
             budget_s = min(budget_s, (command.deadline - now()).total_seconds())
         return self._policy.clock() + budget_s
 
-    async def _run_claimed(self, command: Command, deadline: float) -> ResultEvent:
+    async def _run_claimed(
+        self, command: Command, deadline: float, delivery: DeliveryInfo
+    ) -> Settlement:
         started_at = now()
-        budget = CallBudget(deadline=deadline)
+        retry_deadline = deadline
+        if self._timings.retry_delays_s:
+            retry_deadline = min(deadline, self._policy.clock() + self._timings.retry_in_process_s)
+        budget = CallBudget(deadline=deadline, retry_deadline=retry_deadline)
         try:
-            event = await self._execute(command, budget, started_at)
+            if delivery.last_delivery:
+                event = self._delivery_limit_reached(command, started_at, delivery)
+            else:
+                event = await self._execute(command, budget, started_at, delivery)
+        except _RetryLater as later:
+            await self._store.release(command.key, self._owner)  # the retry claims it again
+            return Settlement(
+                None, Action.DELAY, later.delay_s, delivery.retries + 1,
+                delivery.attempts + budget.attempts,
+            )
         except BaseException:
             await self._store.release(command.key, self._owner)  # let a redelivery retry
             raise
         # The outbox: stored before it is published, so a crash after this point
         # replays the event instead of calling the vendor again.
         await self._store.complete(command.key, self._owner, event)
-        return event
+        return Settlement.for_event(event)
 
     async def _execute(
-        self, command: Command, budget: CallBudget, started_at: datetime
+        self, command: Command, budget: CallBudget, started_at: datetime, delivery: DeliveryInfo
     ) -> ResultEvent:
         fields = _event_fields(command)
         try:
             reply = await self._vendors.execute(command, budget)
         except RelayError as error:
+            delay_s = self._next_delay_s(command, delivery) if error.retryable else None
+            if delay_s is not None:
+                log.info("retrying later", extra={**fields, "delay_s": delay_s})
+                raise _RetryLater(delay_s) from error
             log.info(
                 "command %s", outcome_of(error),
                 extra={**fields, "error_code": str(error.code), "attempts": budget.attempts},
@@ -138,7 +181,7 @@ class Handler:
                 **fields,
                 outcome=outcome_of(error),
                 started_at=started_at,
-                attempts=budget.attempts,
+                attempts=delivery.attempts + budget.attempts,
                 reply=error.reply,
                 error=error.info(),
             )
@@ -147,8 +190,40 @@ class Handler:
             **fields,
             outcome="succeeded",
             started_at=started_at,
-            attempts=budget.attempts,
+            attempts=delivery.attempts + budget.attempts,
             reply=reply,
+        )
+
+    def _next_delay_s(self, command: Command, delivery: DeliveryInfo) -> float | None:
+        """The wait before the next delayed retry, or None when none is left."""
+        delays = self._timings.retry_delays_s
+        if delivery.retries >= len(delays):
+            return None
+        delay_s = delays[delivery.retries]
+        too_late = (
+            command.deadline is not None
+            and (command.deadline - now()).total_seconds() <= delay_s
+        )
+        return None if too_late else delay_s  # None: it would come back too late to start
+
+    def _delivery_limit_reached(
+        self, command: Command, started_at: datetime, delivery: DeliveryInfo
+    ) -> ResultEvent:
+        # A command that keeps crashing or hanging workers is not tried once more: it
+        # gets a failed event and goes to the dead-letter queue.
+        log.warning("delivery limit reached", extra=dict(_event_fields(command)))
+        error = ErrorInfo(
+            code=ErrorCode.DELIVERY_LIMIT,
+            message="the command was delivered too many times without finishing (a worker "
+            "crashed or hung on it); it was not run again",
+            retryable=False,
+        )
+        return result_event(
+            **_event_fields(command),
+            outcome="failed",
+            started_at=started_at,
+            attempts=delivery.attempts,
+            error=error,
         )
 
     def _rejected(self, command: Command, error: CommandRejected) -> ResultEvent:
@@ -164,6 +239,14 @@ class Handler:
                 "(type, tenant or params differ); use a new key for new work",
             ),
         )
+
+
+class _RetryLater(Exception):
+    """Raised inside the handler when a transient failure goes to a delayed retry."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(f"retry in {delay_s}s")
+        self.delay_s = delay_s
 
 
 def _event_fields(command: Command) -> CommandFields:

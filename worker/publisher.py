@@ -60,6 +60,26 @@ class Publisher:
             retry=False,
         )
 
+    def delay(self, command: Message, queue: str, retries: int, attempts: int) -> None:
+        """Send the command, as it came, to a delay queue; it returns to the command queue
+        when the queue's TTL runs out. The headers carry what the next delivery needs."""
+        headers: dict[str, Any] = dict(command.headers or {})
+        headers.pop("x-delivery-count", None)  # a fresh message: the broker counts anew
+        headers.update({"x-relay-retries": retries, "x-relay-attempts": attempts})
+        self._producer.publish(
+            command.body,
+            exchange="",
+            routing_key=queue,
+            content_type=command.content_type or "application/json",
+            content_encoding=command.content_encoding or "utf-8",
+            headers=headers,
+            delivery_mode=PERSISTENT,
+            message_id=command.properties.get("message_id"),
+            correlation_id=command.properties.get("correlation_id"),
+            reply_to=command.properties.get("reply_to"),
+            retry=False,
+        )
+
     def _publish(
         self,
         body: bytes,

@@ -16,7 +16,7 @@ from opentelemetry.trace import Span
 
 from schemas.commands import Command
 from worker.consumer import CommandConsumer, ConsumerSettings
-from worker.handler import Handler, HandlerTimings, Settlement
+from worker.handler import DeliveryInfo, Handler, HandlerTimings, Settlement
 from worker.health import Check, create_health_app
 from worker.http_server import BackgroundServer
 from worker.idempotency import IdempotencyStore, open_store
@@ -64,6 +64,7 @@ class RelayService:
         )
         if self._overrides.sleep is not None:
             policy = replace(policy, sleep=self._overrides.sleep)
+        topology = Topology.from_settings(settings)
         rate_limits = RateLimits(settings.rate_limits, settings.rate_limit_url)
         self.vendors = Vendors(
             settings, rate_limits, policy, self.telemetry, self._overrides.transport
@@ -72,29 +73,36 @@ class RelayService:
             self.store,
             self.vendors,
             policy,
-            HandlerTimings(command_timeout_s=settings.command_timeout_s),
+            HandlerTimings(
+                command_timeout_s=settings.command_timeout_s,
+                retry_in_process_s=settings.retry_in_process_s,
+                # Delay queues exist on RabbitMQ only; elsewhere retries stay in process.
+                retry_delays_s=settings.retry_delays_s if topology.delay_queues else (),
+                defer_s=settings.defer_delay_s,
+            ),
             self.owner,
         )
         self.consumer = CommandConsumer(
             ConsumerSettings(
+                delivery_limit=settings.delivery_limit,
                 broker_url=settings.broker_url,
                 prefetch=settings.concurrency,
                 poll_interval_s=settings.broker_poll_interval_s,
                 shutdown_grace_s=self._overrides.shutdown_grace_s,
             ),
-            Topology.from_settings(settings),
+            topology,
             self._submit,
             self.telemetry,
         )
 
-    def _submit(self, command: Command, span: Span) -> Future[Settlement]:
-        return self.loop.submit(self._handle_in(span, command))
+    def _submit(self, command: Command, delivery: DeliveryInfo, span: Span) -> Future[Settlement]:
+        return self.loop.submit(self._handle_in(span, command, delivery))
 
-    async def _handle_in(self, span: Span, command: Command) -> Settlement:
+    async def _handle_in(self, span: Span, command: Command, delivery: DeliveryInfo) -> Settlement:
         # The handler's spans (vendor calls) become children of the delivery's span.
         token = context.attach(trace.set_span_in_context(span))
         try:
-            return await self.handler.handle(command)
+            return await self.handler.handle(command, delivery)
         finally:
             context.detach(token)
 

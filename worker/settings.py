@@ -66,7 +66,9 @@ class Settings(BaseSettings):
     event_exchange: str = "relay.events"
     dead_letter_queue: str = "relay.commands.dead"
     concurrency: int = Field(default=32, ge=1, le=1000)
-    delivery_limit: int = Field(default=5, ge=1)
+    # Deliveries (crashes, kills) before a command is failed as poison; generous, so that
+    # replicas killed mid-command do not use it up.
+    delivery_limit: int = Field(default=10, ge=2)
     broker_poll_interval_s: float = Field(default=0.02, gt=0)
 
     # Idempotency store: sqlite:///path (default) or redis://…
@@ -79,7 +81,14 @@ class Settings(BaseSettings):
     retry_max_attempts: int = Field(default=5, ge=1)
     retry_initial_wait_s: float = Field(default=0.5, ge=0)
     retry_max_wait_s: float = Field(default=30, ge=0)
-    command_timeout_s: float = Field(default=600, gt=0)
+    # RabbitMQ only: back-off within one delivery up to this long, then through delay
+    # queues (TTL, dead-lettered back) so no delivery is held for long.
+    retry_in_process_s: float = Field(default=20, gt=0)
+    retry_delays_s: tuple[float, ...] = (5.0, 30.0, 120.0)
+    defer_delay_s: float = Field(default=2, gt=0)
+    # The longest one delivery works on a command (a 202 collect may take minutes);
+    # far below RabbitMQ's consumer_timeout (30 min).
+    command_timeout_s: float = Field(default=600, gt=0, le=1200)
     collect_interval_s: float = Field(default=2, ge=0)
     eset_host_template: str = "https://{region}.{service}.eset.systems"
     token_refresh_margin_s: float = Field(default=300, ge=0)

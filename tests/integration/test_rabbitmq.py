@@ -195,3 +195,80 @@ def test_the_command_queue_is_a_quorum_queue(amqp_url: str, relay: RunningRelay)
         )
     assert closed.value.reply_code == 406  # PRECONDITION_FAILED: it is not classic
     connection.close()
+
+
+@pytest.fixture
+def patient_relay(
+    sandbox: SandboxServer, amqp_url: str, redis_url: str
+) -> Iterator[RunningRelay]:
+    """Retries in process for a moment only, then through short delay queues."""
+    with running_relay(
+        sandbox,
+        broker_url=amqp_url,
+        idempotency_url=redis_url,
+        retry_in_process_s=0.05,
+        retry_max_attempts=2,
+        retry_delays_s=(0.3, 0.6),
+        defer_delay_s=0.2,
+    ) as running:
+        yield running
+    _delete_queues(amqp_url, running)
+    connection = pika.BlockingConnection(pika_parameters(amqp_url))
+    channel = connection.channel()
+    for queue in running.service.consumer.topology.delay_queues.values():
+        channel.queue_delete(queue.name)
+    connection.close()
+
+
+def test_long_back_off_goes_through_delay_queues(
+    patient_relay: RunningRelay, sandbox: SandboxServer
+):
+    """Four 503s: two in the first delivery, one in each of two delayed retries."""
+    sandbox.state.faults = Faults(script=[ScriptedFault(status=503)] * 4)
+    patient_relay.send({"type": "cancel-task", "params": {"task_id": 5}})
+    (event,) = patient_relay.events(1)
+    assert event.data.outcome == "succeeded"
+    assert event.data.attempts == 5
+    assert sandbox.state.stats()["effects"]["fylr.cancel"] == {"5": 1}
+
+
+def test_retries_exhausted_give_a_failed_event_and_a_dead_letter(
+    patient_relay: RunningRelay, sandbox: SandboxServer
+):
+    sandbox.state.faults = Faults(script=[ScriptedFault(status=503)] * 6)
+    message_id = patient_relay.send({"type": "cancel-task", "params": {"task_id": 6}})
+    (event,) = patient_relay.events(1)
+    assert event.data.outcome == "failed"
+    assert event.data.error is not None
+    assert (event.data.error.code, event.data.error.retryable) == ("vendor_unavailable", True)
+    assert event.data.attempts == 6
+    (kept,) = patient_relay.dead_letters()
+    assert kept.properties["message_id"] == message_id
+
+
+def test_a_duplicate_of_running_work_is_deferred_then_replayed(
+    patient_relay: RunningRelay, sandbox: SandboxServer
+):
+    sandbox.state.faults = Faults(latency_ms=400)
+    command = {"type": "cancel-task", "idempotency_key": f"k-{uuid.uuid4()}",
+               "params": {"task_id": 8}}
+    patient_relay.send(command)
+    patient_relay.send(command)
+    events = patient_relay.events(2)
+    assert sorted(e.data.replayed for e in events) == [False, True]
+    assert {e.data.outcome for e in events} == {"succeeded"}
+    assert sandbox.state.stats()["calls"]["fylr.cancel"] == 1
+
+
+def test_a_message_at_its_delivery_limit_fails_without_a_vendor_call(
+    patient_relay: RunningRelay, sandbox: SandboxServer
+):
+    """What a worker sees of a command that crashed workers until the limit."""
+    limit = patient_relay.settings.delivery_limit
+    body = json.dumps({"type": "cancel-task", "params": {"task_id": 9}}).encode()
+    patient_relay.send_raw(body, headers={"x-delivery-count": limit - 1})
+    (event,) = patient_relay.events(1)
+    assert event.data.outcome == "failed"
+    assert event.data.error is not None and event.data.error.code == "delivery_limit"
+    assert "fylr.cancel" not in sandbox.state.stats()["calls"]
+    assert len(patient_relay.dead_letters()) == 1

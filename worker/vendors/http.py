@@ -61,7 +61,8 @@ class VendorReply:
 class CallBudget:
     """Per-command bookkeeping shared by every request the command makes."""
 
-    deadline: float  # a RetryPolicy.clock reading; no new attempt starts after it
+    deadline: float  # a RetryPolicy.clock reading; no new call starts after it
+    retry_deadline: float | None = None  # no back-off retry after it (default: deadline)
     attempts: int = 0
     collects: int = 0
     statuses: list[int] = field(default_factory=list)
@@ -107,7 +108,12 @@ class VendorHttp:
         self, request: VendorRequest, budget: CallBudget, response_id: str | None
     ) -> VendorReply:
         reply: VendorReply | None = None
-        async for attempt in self.policy.retrying(budget.deadline):
+        # A collect may wait out the vendor as long as the command may; the back-off of
+        # a failing call stops earlier when delayed retries (delay queues) take over.
+        deadline = budget.deadline
+        if response_id is None and budget.retry_deadline is not None:
+            deadline = budget.retry_deadline
+        async for attempt in self.policy.retrying(deadline):
             with attempt:
                 if response_id is None:
                     budget.attempts += 1
