@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,10 +22,17 @@ from worker.topology import Topology
 
 
 class RunningRelay:
-    def __init__(self, settings: Settings, client: CommandClient, service: RelayService) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: CommandClient,
+        service: RelayService,
+        stop: Callable[[], None],
+    ) -> None:
         self.settings = settings
         self.client = client
         self.service = service
+        self.stop = stop  # what SIGTERM does: returns once the worker has stopped
         self.reply_to = client.reply_queue()
 
     def send(self, command: dict[str, Any]) -> str:
@@ -92,8 +99,12 @@ def running_relay(
     try:
         assert service.consumer.connected.wait(10), "worker did not connect"
         with CommandClient(settings.broker_url, Topology.from_settings(settings)) as client:
-            yield RunningRelay(settings, client, service)
+            yield RunningRelay(settings, client, service, lambda: _stop(stop, thread))
     finally:
-        stop.set()
-        thread.join(30)
-        assert not thread.is_alive(), "worker did not stop"
+        _stop(stop, thread)
+
+
+def _stop(stop: threading.Event, thread: threading.Thread) -> None:
+    stop.set()
+    thread.join(30)
+    assert not thread.is_alive(), "worker did not stop"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,3 +181,20 @@ def test_quarantine_in_japan_is_rejected_without_a_call(
     assert event.data.outcome == "rejected"
     assert event.data.error is not None and event.data.error.code == "region_not_supported"
     assert "eset.batch_delete" not in sandbox.state.stats()["calls"]
+
+
+def test_stopping_lets_in_flight_commands_finish(relay: RunningRelay, sandbox: SandboxServer):
+    """What SIGTERM does: no new work, in-flight work finishes and is published."""
+    sandbox.state.faults = Faults(latency_ms=600)
+    commands = [batch_delete() for _ in range(3)]
+    for command in commands:
+        relay.send(command)
+    deadline = time.monotonic() + 10
+    while "eset.token" not in sandbox.state.stats()["calls"] and time.monotonic() < deadline:
+        time.sleep(0.01)  # logged in: the three calls are on their way (600 ms each)
+    time.sleep(0.1)
+    assert "eset.batch_delete" not in sandbox.state.stats()["calls"]  # still in flight
+    relay.stop()
+    events = relay.events(3)
+    assert {e.data.outcome for e in events} == {"succeeded"}
+    assert sandbox.state.stats()["calls"]["eset.batch_delete"] == 3

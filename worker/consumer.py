@@ -46,6 +46,7 @@ class Delivery:
 
     message: Message
     span: Span  # the process span; ended at settlement
+    generation: int  # which connection it came on; only that one's channel can ack it
     received_at: float = field(default_factory=time.monotonic)
     attributes: dict[str, str] = field(default_factory=dict)  # type and tenant, for metrics
 
@@ -77,6 +78,8 @@ class CommandConsumer:
             queue.SimpleQueue()
         )
         self._in_flight = 0
+        self._generation = 0  # bumped on every (re)connection
+        self._stopping = False
         self._publisher: Publisher | None = None
         self._connection_errors = self.connection().connection_errors
         self.connected = threading.Event()
@@ -102,6 +105,7 @@ class CommandConsumer:
                 stop.wait(wait_s)
 
     def _consume(self, connection: Connection, stop: threading.Event) -> None:
+        self._generation += 1
         channel = connection.channel()
         self.topology.declare(channel)
         publisher = self._publisher = Publisher(
@@ -119,7 +123,10 @@ class CommandConsumer:
             while not stop.is_set():
                 self._settle_finished(publisher)
                 self._drain(connection)
-            consumer.cancel()  # stop taking new messages; finish what is in flight
+            # Stop taking new messages (those already sent to us go back unacked when the
+            # channel closes) and finish what is in flight.
+            self._stopping = True
+            consumer.cancel()
             self._finish_in_flight(connection, publisher)
 
     def _drain(self, connection: Connection) -> None:
@@ -143,6 +150,8 @@ class CommandConsumer:
             log.warning("%d commands still in flight at shutdown; requeued", self._in_flight)
 
     def _on_message(self, message: Message) -> None:
+        if self._stopping:
+            return  # not started: the broker gives it to another replica
         message_id = message.properties.get("message_id")
         span = start_process_span(
             self._telemetry.tracer,
@@ -151,7 +160,7 @@ class CommandConsumer:
             message.delivery_info.get("routing_key"),
             message_id,
         )
-        delivery = Delivery(message, span)
+        delivery = Delivery(message, span, self._generation)
         self._metrics.in_flight.add(1)
         try:
             command = decode_command(message.body, message_id)
@@ -191,7 +200,13 @@ class CommandConsumer:
             except queue.Empty:
                 return
             self._in_flight -= 1
-            self._settle(delivery, self._settlement(delivery.message, future), publisher)
+            settlement = self._settlement(delivery.message, future)
+            if delivery.generation != self._generation:
+                # Its channel is gone and the broker has redelivered it: the redelivery
+                # replays the stored result instead.
+                self._record(delivery, Settlement(None, Action.REQUEUE))
+                continue
+            self._settle(delivery, settlement, publisher)
 
     def _settlement(self, message: Message, future: Future[Settlement]) -> Settlement:
         error = future.exception()

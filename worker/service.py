@@ -38,7 +38,6 @@ class Overrides:
 
     transport: httpx.AsyncBaseTransport | None = None
     sleep: Sleep | None = None
-    shutdown_grace_s: float = 30.0
 
 
 class RelayService:
@@ -88,7 +87,7 @@ class RelayService:
                 broker_url=settings.broker_url,
                 prefetch=settings.concurrency,
                 poll_interval_s=settings.broker_poll_interval_s,
-                shutdown_grace_s=self._overrides.shutdown_grace_s,
+                shutdown_grace_s=settings.shutdown_grace_s,
             ),
             topology,
             self._submit,

@@ -96,6 +96,7 @@ class Settings(BaseSettings):
     rate_limit_url: str = "memory://"
 
     # Operations
+    shutdown_grace_s: float = Field(default=30, ge=0)  # SIGTERM: time to finish in-flight work
     health_port: int | None = Field(default=None, ge=0, le=65535)  # /healthz /readyz /metrics
     health_host: str = "0.0.0.0"
     log_level: str = "INFO"
