@@ -8,9 +8,7 @@ import socket
 import threading
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
 
-import httpx
 from opentelemetry import context, trace
 from opentelemetry.trace import Span
 
@@ -21,7 +19,7 @@ from worker.health import Check, create_health_app
 from worker.http_server import BackgroundServer
 from worker.idempotency import IdempotencyStore, open_store
 from worker.ratelimit import RateLimits
-from worker.retries import RetryPolicy, Sleep
+from worker.retries import RetryPolicy
 from worker.runtime import HandlerLoop
 from worker.settings import Settings
 from worker.telemetry import Telemetry
@@ -32,23 +30,13 @@ log = logging.getLogger(__name__)
 STORE_PING_TIMEOUT_S = 2.0
 
 
-@dataclass
-class Overrides:
-    """Test seams: a fake network for the vendor clients, a sleep that does not wait."""
-
-    transport: httpx.AsyncBaseTransport | None = None
-    sleep: Sleep | None = None
-
-
 class RelayService:
     def __init__(
         self,
         settings: Settings,
-        overrides: Overrides | None = None,
         telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
-        self._overrides = overrides or Overrides()
         self.telemetry = telemetry or Telemetry.using()
         self.health: BackgroundServer | None = None  # serving while run() runs, if enabled
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -61,13 +49,9 @@ class RelayService:
             initial_wait_s=settings.retry_initial_wait_s,
             max_wait_s=settings.retry_max_wait_s,
         )
-        if self._overrides.sleep is not None:
-            policy = replace(policy, sleep=self._overrides.sleep)
         topology = Topology.from_settings(settings)
         rate_limits = RateLimits(settings.rate_limits, settings.rate_limit_url)
-        self.vendors = Vendors(
-            settings, rate_limits, policy, self.telemetry, self._overrides.transport
-        )
+        self.vendors = Vendors(settings, rate_limits, policy, self.telemetry)
         self.handler = Handler(
             self.store,
             self.vendors,
