@@ -15,7 +15,7 @@ from kombu import Consumer, Producer, Queue
 from kombu.message import Message
 
 from schemas.events import ResultEvent
-from worker.broker import connect
+from worker.broker import connect, is_amqp
 from worker.topology import Topology
 
 PERSISTENT = 2
@@ -33,11 +33,13 @@ class Reply:
 class CommandClient:
     def __init__(self, broker_url: str, topology: Topology) -> None:
         self._topology = topology
+        self._amqp = is_amqp(broker_url)
         self._connection = connect(broker_url)
         self._channel = self._connection.channel()
         topology.declare(self._channel)
         self._producer = Producer(self._channel)
         self._replies: Queue | None = None
+        self._received: list[Message] = []
 
     def __enter__(self) -> CommandClient:
         return self
@@ -46,11 +48,15 @@ class CommandClient:
         self.close()
 
     def reply_queue(self) -> str:
-        """A private queue for this client's result events (deleted on close)."""
+        """A private queue for this client's result events, consumed from now on (so no
+        event is missed between two calls of :meth:`events`) and deleted on close."""
         if self._replies is None:
             name = f"relay.replies.{uuid.uuid4().hex[:12]}"
-            self._replies = Queue(name, durable=False, auto_delete=True, exclusive=False)
-            self._replies.bind(self._channel).declare()
+            # Exclusive: RabbitMQ drops it with the connection. Not auto-delete: that would
+            # drop it, and the events on their way, whenever no consumer is attached.
+            self._replies = Queue(name, durable=False, exclusive=self._amqp)
+            consumer = Consumer(self._channel, [self._replies], on_message=self._received.append)
+            consumer.consume()
         return str(self._replies.name)
 
     def publish(self, command: dict[str, Any], reply_to: str | None = None) -> str:
@@ -85,30 +91,24 @@ class CommandClient:
     def events(self, timeout_s: float) -> Iterator[Reply]:
         """Result events arriving on the reply queue, until ``timeout_s`` passes without
         one."""
-        received: list[Message] = []
-        consumer = Consumer(
-            self._channel,
-            queues=[self._replies] if self._replies else [],
-            on_message=received.append,
-        )
-        with consumer:
-            give_up_at = time.monotonic() + timeout_s
-            while time.monotonic() < give_up_at:
+        give_up_at = time.monotonic() + timeout_s
+        while time.monotonic() < give_up_at:
+            if not self._received:
                 with contextlib.suppress(TimeoutError):
                     self._connection.drain_events(timeout=min(0.5, timeout_s))
-                while received:
-                    message = received.pop(0)
-                    message.ack()
-                    give_up_at = time.monotonic() + timeout_s
-                    yield Reply(
-                        ResultEvent.model_validate_json(message.body),
-                        message.properties.get("correlation_id"),
-                        dict(message.headers or {}),
-                    )
+            while self._received:
+                message = self._received.pop(0)
+                message.ack()
+                give_up_at = time.monotonic() + timeout_s
+                yield Reply(
+                    ResultEvent.model_validate_json(message.body),
+                    message.properties.get("correlation_id"),
+                    dict(message.headers or {}),
+                )
 
     def close(self) -> None:
         if self._replies is not None:
-            # The broker may have dropped it already (auto-delete).
+            # The broker may have dropped it already (exclusive, connection lost).
             with contextlib.suppress(*self._connection.channel_errors):
                 self._replies.bind(self._channel).delete()
         self._connection.release()

@@ -9,8 +9,12 @@ and it never waits on vendor work, so heartbeats keep flowing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -79,6 +83,7 @@ class CommandConsumer:
         )
         self._in_flight = 0
         self._generation = 0  # bumped on every (re)connection
+        self._waker = Waker()
         self._stopping = False
         self._publisher: Publisher | None = None
         self._connection_errors = self.connection().connection_errors
@@ -130,11 +135,26 @@ class CommandConsumer:
             self._finish_in_flight(connection, publisher)
 
     def _drain(self, connection: Connection) -> None:
-        wait_s = self._settings.poll_interval_s if self._in_flight else IDLE_WAIT_S
-        try:
-            connection.drain_events(timeout=wait_s)
-        except TimeoutError:
-            connection.heartbeat_check()
+        """Handle what the broker sent; return when there was some, when finished work
+        woke us, or after a short idle wait (so ``stop`` and heartbeats are seen)."""
+        sock = _socket_of(connection)
+        if sock is None:  # the embedded broker has no socket: it polls
+            wait_s = self._settings.poll_interval_s if self._in_flight else IDLE_WAIT_S
+            with contextlib.suppress(TimeoutError):
+                connection.drain_events(timeout=wait_s)
+            return
+        if not _has_buffered_bytes(sock):
+            waker = self._waker.fileno()
+            readable, _, _ = select.select([sock.fileno(), waker], [], [], IDLE_WAIT_S)
+            if waker in readable:
+                self._waker.clear()
+            if sock.fileno() not in readable:
+                connection.heartbeat_check()
+                return
+        with contextlib.suppress(TimeoutError):
+            while True:  # every frame that has arrived, without waiting for more
+                connection.drain_events(timeout=0)
+        connection.heartbeat_check()
 
     def _finish_in_flight(self, connection: Connection, publisher: Publisher) -> None:
         give_up_at = time.monotonic() + self._settings.shutdown_grace_s
@@ -180,7 +200,12 @@ class CommandConsumer:
         )
         self._in_flight += 1
         future = self._submit(command, self._delivery_info(message), span)
-        future.add_done_callback(lambda f: self._finished.put((delivery, f)))
+        future.add_done_callback(lambda f: self._finish(delivery, f))
+
+    def _finish(self, delivery: Delivery, future: Future[Settlement]) -> None:
+        """On the handler loop's thread: queue the settlement and wake the connection."""
+        self._finished.put((delivery, future))
+        self._waker.wake()
 
     def _delivery_info(self, message: Message) -> DeliveryInfo:
         headers = message.headers or {}
@@ -259,6 +284,39 @@ class CommandConsumer:
             if outcome == "failed":
                 delivery.span.set_status(StatusCode.ERROR, event.data.error.message)
         delivery.span.end()
+
+
+class Waker:
+    """A self-pipe: lets the handler loop wake the connection thread from ``select``."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def fileno(self) -> int:
+        return self._read
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a full pipe is awake enough
+            os.write(self._write, b"!")
+
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read, 4096):
+                pass
+
+
+def _socket_of(connection: Connection) -> socket.socket | None:
+    transport = getattr(connection.connection, "transport", None)
+    sock = getattr(transport, "sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _has_buffered_bytes(sock: socket.socket) -> bool:
+    # TLS may hold decrypted bytes that select() can not see.
+    pending = getattr(sock, "pending", None)
+    return bool(pending and pending())
 
 
 def _int(value: object) -> int:

@@ -85,10 +85,13 @@ def relay(sandbox: SandboxServer, amqp_url: str, redis_url: str) -> Iterator[Run
 
 
 def _delete_queues(amqp_url: str, relay: RunningRelay) -> None:
+    """Quorum queues are Raft clusters: leave none behind to slow the broker down."""
     connection = pika.BlockingConnection(pika_parameters(amqp_url))
     channel = connection.channel()
-    for queue in (relay.settings.command_queue, relay.settings.dead_letter_queue):
-        channel.queue_delete(queue)
+    topology = relay.service.consumer.topology
+    queues = [topology.command_queue, topology.dead_letter_queue, *topology.delay_queues.values()]
+    for queue in queues:
+        channel.queue_delete(queue.name)
     for exchange in (relay.settings.command_exchange, relay.settings.event_exchange):
         channel.exchange_delete(exchange)
     connection.close()
@@ -213,11 +216,6 @@ def patient_relay(
     ) as running:
         yield running
     _delete_queues(amqp_url, running)
-    connection = pika.BlockingConnection(pika_parameters(amqp_url))
-    channel = connection.channel()
-    for queue in running.service.consumer.topology.delay_queues.values():
-        channel.queue_delete(queue.name)
-    connection.close()
 
 
 def test_long_back_off_goes_through_delay_queues(
