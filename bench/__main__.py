@@ -1,0 +1,107 @@
+"""``python -m bench``: run the benchmark scenarios and print a table of figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bench import report, scenarios
+from bench.rig import Options
+
+SCENARIOS: dict[str, Callable[[Options], dict[str, Any]]] = {
+    "throughput": scenarios.relay_fast,
+    "raw": scenarios.raw_fast,
+    "celery": scenarios.celery_fast,
+    "slow": scenarios.relay_slow,
+    "ratelimit": scenarios.rate_limited,
+    "latency": scenarios.latency,
+}
+
+
+def parse(argv: list[str] | None) -> tuple[Options, list[str], Path | None]:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--only", default=",".join(SCENARIOS),
+                   help=f"comma-separated scenarios (default: all): {', '.join(SCENARIOS)}")
+    p.add_argument("--amqp-url", default="amqp://guest:guest@localhost:5672//")
+    p.add_argument("--redis-url", default="redis://localhost:6379/0")
+    p.add_argument("--commands", type=int, default=2000,
+                   help="backlog of each throughput run (fast and 100 ms vendor, anchors)")
+    p.add_argument("--seconds", type=float, default=90.0,
+                   help="longest wait for one run's events (each run is bounded by it)")
+    p.add_argument("--concurrency", type=int, default=32,
+                   help="RELAY_CONCURRENCY of the fast-vendor, latency and rate-limit runs")
+    p.add_argument("--replicas", type=int, default=4, help="replicas of the rate-limit run")
+    p.add_argument("--ratelimit-seconds", type=float, default=15.0,
+                   help="length of the rate-limit run (10 commands per second of it)")
+    p.add_argument("--latency-commands", type=int, default=200)
+    p.add_argument("--celery-pool", default="prefork", choices=["prefork", "threads", "solo"],
+                   help="Celery's default pool (default: prefork)")
+    p.add_argument("--celery-concurrency", type=int, default=os.cpu_count() or 1,
+                   help="Celery's default: the number of CPUs")
+    p.add_argument("--raw-prefetch", type=int, default=32)
+    p.add_argument("--no-tracing", action="store_true",
+                   help="run the workers without the SDK tracer (see bench/relay_worker.py)")
+    p.add_argument("--log-level", default="INFO", help="RELAY_LOG_LEVEL of the workers")
+    p.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for every command-relay replica (repeatable)")
+    p.add_argument("--logs", type=Path, default=None,
+                   help="keep process logs here (default: a temporary directory)")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="py-spy the fast-vendor replica into this file (.svg, or .txt raw)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(only) - set(SCENARIOS))
+    if unknown:
+        p.error(f"unknown scenario(s): {', '.join(unknown)}")
+    log_dir = args.logs or Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    options = Options(
+        amqp_url=args.amqp_url, redis_url=args.redis_url, commands=args.commands,
+        seconds=args.seconds, concurrency=args.concurrency, replicas=args.replicas,
+        ratelimit_seconds=args.ratelimit_seconds, latency_commands=args.latency_commands,
+        celery_pool=args.celery_pool, celery_concurrency=args.celery_concurrency,
+        raw_prefetch=args.raw_prefetch, tracing=not args.no_tracing, log_level=args.log_level,
+        worker_env=dict(pair.split("=", 1) for pair in args.worker_env),
+        log_dir=log_dir, profile=args.profile,
+    )
+    return options, only, args.json
+
+
+def main(argv: list[str] | None = None) -> int:
+    options, only, json_path = parse(argv)
+    print(f"process logs: {options.log_dir}", file=sys.stderr)
+    results: dict[str, dict[str, Any]] = {}
+    for name in only:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        started, load_before = time.monotonic(), os.getloadavg()[0]
+        try:
+            results[name] = SCENARIOS[name](options)
+        except Exception as error:  # one failed run must not lose the others' figures
+            traceback.print_exc()
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+        results[name]["wall_s"] = round(time.monotonic() - started, 1)
+        # Everything shares the machine's cores: a busy machine lowers every figure.
+        results[name]["loadavg_1m_before"] = round(load_before, 2)
+    rows = report.rows(results)
+    print(report.table(rows))
+    loads = ", ".join(f"{n} {r['loadavg_1m_before']:g}" for n, r in results.items())
+    print(f"\n1-min load average before each run ({os.cpu_count()} CPUs): {loads}")
+    if json_path is not None:
+        document = {"options": {k: str(v) if isinstance(v, Path) else v
+                                for k, v in asdict(options).items()},
+                    "rows": [row.as_dict() for row in rows], "results": results}
+        json_path.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

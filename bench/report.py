@@ -1,0 +1,125 @@
+"""The results as a plain-text table (scenario, figure, value, goal, met?) and as JSON."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Results = dict[str, dict[str, Any]]
+_OPS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le}
+
+
+@dataclass(frozen=True)
+class Row:
+    scenario: str
+    figure: str
+    value: float | None
+    unit: str = ""
+    goal: tuple[str, float] | None = None
+    note: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.goal is None or self.value is None:
+            return None
+        op, threshold = self.goal
+        return _OPS[op](self.value, threshold)
+
+    def as_dict(self) -> dict[str, Any]:
+        goal = f"{self.goal[0]} {self.goal[1]:g}" if self.goal else None
+        return {"scenario": self.scenario, "figure": self.figure, "value": self.value,
+                "unit": self.unit, "goal": goal, "met": self.met, "note": self.note}
+
+
+def rows(all_results: Results) -> list[Row]:
+    out: list[Row] = []
+    results = {name: r for name, r in all_results.items() if "error" not in r}
+    fast = "fast vendor, 1 replica"
+    relay, raw, celery = (results.get(k, {}) for k in ("throughput", "raw", "celery"))
+    if "throughput" in results:
+        out.append(Row(fast, "command-relay", relay.get("per_s"), "commands/s", (">=", 900),
+                       _partial(relay)))
+        cpu = relay.get("cpu_ms_per_command", {})
+        out.append(Row(fast, "  its CPU per command", cpu.get("relay-0"), "ms"))
+        out.append(Row(fast, "  sandbox CPU per command", cpu.get("sandbox"), "ms"))
+    if "raw" in results:
+        out.append(Row(fast, "raw anchor (kombu+httpx+confirm)", raw.get("per_s"),
+                       "commands/s", note=_partial(raw)))
+        out.append(Row(fast, "  its CPU per command", raw.get("cpu_ms_per_command", {})
+                       .get("raw"), "ms"))
+    if "celery" in results:
+        pool = f"{celery.get('pool')} pool, -c {celery.get('concurrency')}"
+        out.append(Row(fast, f"Celery anchor ({pool})", celery.get("per_s"), "tasks/s",
+                       note=_partial(celery)))
+        out.append(Row(fast, "  its CPU per task (all processes)",
+                       celery.get("cpu_ms_per_command"), "ms"))
+    if "throughput" in results and "raw" in results:
+        out.append(Row(fast, "command-relay / raw", _ratio(relay, raw), "x"))
+    if "throughput" in results and "celery" in results:
+        out.append(Row(fast, "command-relay / Celery", _ratio(relay, celery), "x", (">=", 1.0)))
+    if "slow" in results:
+        slow = results["slow"]
+        out.append(Row("100 ms vendor, 100 in flight", "command-relay", slow.get("per_s"),
+                       "commands/s", (">=", 700), _partial(slow)))
+    if "ratelimit" in results:
+        limited = results["ratelimit"]
+        scenario = f"10/s ESET limit, {limited.get('replicas')} replicas"
+        out.append(Row(scenario, "vendor calls achieved", limited.get("calls_per_s"), "calls/s",
+                       (">=", 9.5), _partial(limited)))
+        share = limited.get("share_429")
+        out.append(Row(scenario, "429 answers", None if share is None else share * 100,
+                       "% of calls", ("<=", 1.0)))
+    if "latency" in results:
+        low = results["latency"]
+        note = f"vendor call {_fmt(low.get('vendor_ms_median'))} ms subtracted"
+        out.append(Row("low load, 1 at a time", "added latency p50", low.get("added_ms_p50"),
+                       "ms", ("<=", 5.0), note))
+        out.append(Row("low load, 1 at a time", "added latency p99", low.get("added_ms_p99"),
+                       "ms"))
+    rss = [mb for result in results.values() for mb in result.get("peak_rss_mb", []) or []
+           if mb is not None]
+    if rss:
+        out.append(Row("all command-relay runs", "peak RSS per replica (max)", max(rss), "MB",
+                       ("<=", 120.0), f"{len(rss)} replicas"))
+    for name, result in all_results.items():
+        if "error" in result:
+            out.append(Row(name, "FAILED", None, note=str(result["error"]).splitlines()[0]))
+    return out
+
+
+def table(all_rows: list[Row]) -> str:
+    header = ("scenario", "figure", "value", "goal", "met?", "note")
+    lines = [
+        (r.scenario, r.figure, f"{_fmt(r.value)} {r.unit}".strip(),
+         f"{r.goal[0]} {r.goal[1]:g}" if r.goal else "",
+         {True: "yes", False: "NO", None: ""}[r.met], r.note)
+        for r in all_rows
+    ]
+    widths = [max(len(str(cells[i])) for cells in [header, *lines]) for i in range(len(header))]
+    rule = "  ".join("-" * w for w in widths)
+    rendered = ["  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+                for cells in [header, *lines]]
+    return "\n".join([rendered[0], rule, *rendered[1:]])
+
+
+def _ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    x, y = a.get("per_s"), b.get("per_s")
+    return x / y if x and y else None
+
+
+def _partial(result: dict[str, Any]) -> str:
+    if result.get("complete", True):
+        return ""
+    return f"partial: {result.get('events')} of {result.get('commands')} in time"
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
