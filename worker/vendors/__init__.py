@@ -32,6 +32,7 @@ from worker.vendors.auth import OAuthToken, StaticBearer
 from worker.vendors.eset import EsetClient
 from worker.vendors.fylr import FylrClient
 from worker.vendors.http import CallBudget, VendorHttp, VendorReply
+from worker.vendors.pool import ClientPool
 from worker.vendors.spaaza import SpaazaClient
 
 Client = TypeVar("Client", EsetClient, FylrClient, SpaazaClient)
@@ -55,7 +56,7 @@ class Vendors:
         self._telemetry = telemetry or Telemetry.using()
         self._transport = transport  # tests may swap the network for a fake
         self._clients: dict[tuple[str, str], EsetClient | FylrClient | SpaazaClient] = {}
-        self._http_clients: list[httpx.AsyncClient] = []
+        self._http_clients: list[ClientPool] = []
 
     async def execute(self, command: Command, budget: CallBudget) -> VendorReply:
         """The vendor's final answer to the command; raises a RelayError otherwise."""
@@ -160,7 +161,7 @@ class Vendors:
 
     def _vendor_http(
         self,
-        client: httpx.AsyncClient,
+        client: ClientPool,
         auth: OAuthToken | StaticBearer,
         vendor: str,
         account_key: str,
@@ -176,14 +177,18 @@ class Vendors:
             follows_202=follows_202,
         )
 
-    def _http_client(self) -> httpx.AsyncClient:
-        limit = self._settings.concurrency
-        client = httpx.AsyncClient(
+    def _http_client(self) -> ClientPool:
+        pool = ClientPool(self._make_client, self._settings.concurrency)
+        self._http_clients.append(pool)
+        return pool
+
+    def _make_client(self, connections: int) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
             timeout=self._settings.http_timeout_s,
-            limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
+            limits=httpx.Limits(
+                max_connections=connections, max_keepalive_connections=connections
+            ),
             headers={"User-Agent": USER_AGENT, "3rd-integration": "command-relay"},
             transport=self._transport,
             follow_redirects=False,  # a redirect could lead to a host no setting named
         )
-        self._http_clients.append(client)
-        return client

@@ -23,6 +23,7 @@ from schemas.events import ErrorCode, VendorName
 from worker.errors import PermanentFailure, TransientFailure, VendorThrottled
 from worker.retries import RetryPolicy
 from worker.telemetry import Telemetry
+from worker.vendors.pool import ClientPool
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 # While collecting, 504 means "ESET gave up waiting": not a pause to retry through.
@@ -87,7 +88,7 @@ class RateSlot(Protocol):
 class VendorHttp:
     """Sends requests for one vendor account."""
 
-    client: httpx.AsyncClient
+    client: ClientPool
     auth: Auth
     rate_slot: RateSlot
     policy: RetryPolicy
