@@ -462,3 +462,16 @@ def test_wrong_spaaza_token_fails_as_vendor_auth_failed(sandbox: SandboxServer) 
     assert error.vendor_status == 401
     assert outcome.budget.attempts == 1
     assert sandbox.state.stats()["effects"] == {}
+
+
+def test_collects_failing_past_the_retry_cap_keep_collecting_instead_of_resending(
+    sandbox: SandboxServer,
+) -> None:
+    """A 202'd mutation is only ever collected, however many collects fail on the way."""
+    collect_failures = [ScriptedFault(status=503)] * 6  # more than the attempt cap
+    sandbox.state.faults = Faults(script=[ScriptedFault(status=202), *collect_failures])
+    outcome = execute(settings_for(sandbox), MAKERS["batch-delete"]())[0]
+    assert succeeded(outcome).response_id
+    stats = sandbox.state.stats()
+    assert outcome.budget.attempts == 1  # sent once; everything after was a collect
+    assert set(stats["effects"]["eset.batch_delete"].values()) == {1}

@@ -192,7 +192,12 @@ class VendorHttp:
                     vendor_status=202,
                 )
             await self.policy.sleep(self.collect_interval_s)
-            reply = await self._send_with_retries(request, budget, response_id)
+            try:
+                reply = await self._send_with_retries(request, budget, response_id)
+            except TransientFailure:
+                # The answer stays cached at the vendor: keep collecting until the deadline
+                # rather than give up into a retry that would send the request again.
+                continue
             if reply.status == 202:
                 continue
             if reply.status in (404, 504):
