@@ -128,6 +128,43 @@ def test_expired_lease_is_taken_over(store_url: str, key: str) -> None:
     asyncio.run(scenario())
 
 
+def test_a_renewed_lease_is_not_taken_over(store_url: str, key: str) -> None:
+    """A live holder working longer than one lease keeps its claim."""
+
+    async def scenario() -> None:
+        async with stores(store_url, lease_s=0.3) as (store,):
+            await store.claim(key, FP, "worker-1")
+            for _ in range(3):
+                await asyncio.sleep(0.15)
+                await store.renew(key, "worker-1")
+            assert isinstance(await store.claim(key, FP, "worker-2"), InProgress)
+
+    asyncio.run(scenario())
+
+
+def test_taking_over_after_a_send_says_so(store_url: str, key: str) -> None:
+    async def scenario() -> None:
+        async with stores(store_url, lease_s=0.05) as (store,):
+            await store.claim(key, FP, "worker-1")
+            await store.mark_sent(key, "worker-1")
+            await asyncio.sleep(0.1)
+            assert await store.claim(key, FP, "worker-2") == Claimed(after_send=True)
+
+    asyncio.run(scenario())
+
+
+def test_only_the_holder_can_renew_or_mark(store_url: str, key: str) -> None:
+    async def scenario() -> None:
+        async with stores(store_url, lease_s=0.05) as (store,):
+            await store.claim(key, FP, "worker-1")
+            await store.renew(key, "worker-2")
+            await store.mark_sent(key, "worker-2")
+            await asyncio.sleep(0.1)
+            assert await store.claim(key, FP, "worker-3") == Claimed(after_send=False)
+
+    asyncio.run(scenario())
+
+
 def test_release_lets_the_key_be_claimed_again(store_url: str, key: str) -> None:
     async def scenario() -> None:
         async with stores(store_url) as (store,):

@@ -198,3 +198,37 @@ def test_stopping_lets_in_flight_commands_finish(relay: RunningRelay, sandbox: S
     events = relay.events(3)
     assert {e.data.outcome for e in events} == {"succeeded"}
     assert sandbox.state.stats()["calls"]["eset.batch_delete"] == 3
+
+
+def test_a_mutation_whose_holder_died_after_sending_fails_as_result_lost(
+    sandbox: SandboxServer, data_dir: Path
+):
+    """Taking over a dead holder's claim never sends the mutation a second time."""
+    import asyncio
+
+    from schemas import parse_command
+    from worker.idempotency import fingerprint, open_store
+
+    command = batch_delete(key="key-of-a-dead-holder")
+    idempotency_url = f"sqlite:///{data_dir / 'idempotency.sqlite3'}"
+
+    async def die_after_sending() -> None:
+        store = open_store(idempotency_url, lease_s=0.2, retention_s=60)
+        parsed = parse_command(command)
+        await store.claim(command["idempotency_key"], fingerprint(parsed), "dead-replica")
+        await store.mark_sent(command["idempotency_key"], "dead-replica")
+        await store.close()
+
+    asyncio.run(die_after_sending())
+    time.sleep(0.3)  # the dead replica's lease runs out
+    with running_relay(
+        sandbox,
+        broker_url=f"sqla+sqlite:///{data_dir / 'broker.sqlite3'}",
+        idempotency_url=idempotency_url,
+        claim_lease_s=0.2,
+    ) as relay:
+        relay.send(command)
+        (event,) = relay.events(1)
+    assert event.data.outcome == "failed"
+    assert event.data.error is not None and event.data.error.code == "result_lost"
+    assert "eset.batch_delete" not in sandbox.state.stats()["calls"]

@@ -7,6 +7,7 @@ dead-letter or requeue), so one place settles messages.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,6 +30,9 @@ from worker.vendors import Vendors
 from worker.vendors.http import CallBudget
 
 log = logging.getLogger(__name__)
+
+# Commands that change nothing at the vendor: safe to run again whatever happened before.
+READ_ONLY_TYPES = frozenset({"fetch-patching"})
 
 
 class Action(Enum):
@@ -72,6 +76,7 @@ class HandlerTimings:
     retry_in_process_s: float = 20.0
     retry_delays_s: tuple[float, ...] = ()
     defer_s: float = 2.0  # a duplicate of work in progress elsewhere comes back after this
+    claim_lease_s: float = 300.0  # renewed every third of it while a command is worked on
     defer_poll_s: float = 0.5  # without delay queues: how often a duplicate looks again
 
 
@@ -105,6 +110,8 @@ class Handler:
                     return Settlement.for_event(replay_for(command, stored))
                 case Conflict():
                     return Settlement.for_event(self._conflict(command))
+                case Claimed(after_send=True) if command.type not in READ_ONLY_TYPES:
+                    return await self._after_dead_holder(command)
                 case Claimed():
                     return await self._run_claimed(command, deadline, delivery)
                 case InProgress(lease_left_s=lease_left_s):
@@ -142,7 +149,12 @@ class Handler:
         retry_deadline = deadline
         if self._timings.retry_delays_s:
             retry_deadline = min(deadline, self._policy.clock() + self._timings.retry_in_process_s)
-        budget = CallBudget(deadline=deadline, retry_deadline=retry_deadline)
+        budget = CallBudget(
+            deadline=deadline,
+            retry_deadline=retry_deadline,
+            before_first_mutation=lambda: self._store.mark_sent(command.key, self._owner),
+        )
+        renewing = asyncio.create_task(self._keep_lease(command.key))
         try:
             if delivery.last_delivery:
                 event = self._delivery_limit_reached(command, started_at, delivery)
@@ -157,6 +169,8 @@ class Handler:
         except BaseException:
             await self._store.release(command.key, self._owner)  # let a redelivery retry
             raise
+        finally:
+            renewing.cancel()
         # The outbox: stored before it is published, so a crash after this point
         # replays the event instead of calling the vendor again.
         await self._store.complete(command.key, self._owner, event)
@@ -193,6 +207,32 @@ class Handler:
             attempts=delivery.attempts + budget.attempts,
             reply=reply,
         )
+
+    async def _keep_lease(self, key: str) -> None:
+        """Renew the claim while this worker is alive and working, so a slow vendor call
+        is never mistaken for a dead holder (and done a second time)."""
+        while True:
+            await asyncio.sleep(self._timings.claim_lease_s / 3)
+            await self._store.renew(key, self._owner)
+
+    async def _after_dead_holder(self, command: Command) -> Settlement:
+        # The holder died after the mutation may have reached the vendor, and before it
+        # stored the answer: sending it again could act twice, so the command fails as
+        # "result lost", exactly as after a 202 whose answer is gone.
+        log.warning("taken over after a holder died mid-call", extra=dict(_event_fields(command)))
+        event = result_event(
+            **_event_fields(command),
+            outcome="failed",
+            started_at=now(),
+            error=ErrorInfo(
+                code=ErrorCode.RESULT_LOST,
+                message="the worker running this command stopped after sending it to the "
+                "vendor and before recording the answer; it may or may not have taken "
+                "effect, so it was not sent again: check before re-sending",
+            ),
+        )
+        await self._store.complete(command.key, self._owner, event)
+        return Settlement.for_event(event)
 
     def _next_delay_s(self, command: Command, delivery: DeliveryInfo) -> float | None:
         """The wait before the next delayed retry, or None when none is left."""

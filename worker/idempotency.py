@@ -1,6 +1,7 @@
 """The idempotency store: one claim per idempotency key, and the outbox of its result.
 
-A handler claims the key before calling a vendor and stores the result event with the
+A handler claims the key before calling a vendor, marks the claim "sent" just before a
+mutation goes out, renews the lease while it works, and stores the result event with the
 claim before that event is published, so a crash between publish and ack re-publishes
 the stored event instead of calling the vendor again. A claim carries a lease: a claim
 whose holder died is taken over once the lease has run out. Records expire after the
@@ -8,7 +9,8 @@ retention period.
 
 ``claim`` answers what happened, atomically, and races are settled by the store:
 
-* :class:`Claimed`: this worker now holds the key and must do the work;
+* :class:`Claimed`: this worker now holds the key and must do the work; ``after_send``
+  says it took the key over from a holder that died after it may have called the vendor;
 * :class:`InProgress`: a live holder is doing it: defer, do not call the vendor;
 * :class:`Completed`: done before: replay the stored event;
 * :class:`Conflict`: the key was used for a different payload: reject.
@@ -34,7 +36,7 @@ from schemas.events import ResultEvent
 
 @dataclass(frozen=True)
 class Claimed:
-    pass
+    after_send: bool = False  # taken over from a holder that had (maybe) sent the mutation
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,14 @@ class IdempotencyStore(Protocol):
         """Give the claim up without a result, so the work can be tried again."""
         ...
 
+    async def renew(self, key: str, owner: str) -> None:
+        """Extend ``owner``'s lease: it is alive and still working."""
+        ...
+
+    async def mark_sent(self, key: str, owner: str) -> None:
+        """Record that the vendor may have acted, before the mutation is sent."""
+        ...
+
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -90,20 +100,22 @@ def open_store(url: str, lease_s: float, retention_s: float) -> IdempotencyStore
     raise ValueError(f"unsupported idempotency store URL {url!r}: use sqlite:/// or redis://")
 
 
-def _decide(
-    row: tuple[str, str, float, str | None] | None, fingerprint: str, now: float
-) -> ClaimResult | None:
-    """The outcome for an existing record; ``None`` means the caller may take the key."""
+Record = tuple[str, str, float, str | None, bool]  # fingerprint, owner, lease, event, sent
+
+
+def _decide(row: Record | None, fingerprint: str, now: float) -> ClaimResult:
+    """What an existing record (or none) means for a new claim; :class:`Claimed` means
+    the caller takes the key."""
     if row is None:
-        return None
-    stored_fingerprint, holder, lease_until, event = row
+        return Claimed()
+    stored_fingerprint, holder, lease_until, event, sent = row
     if stored_fingerprint != fingerprint:
         return Conflict()
     if event is not None:
         return Completed(ResultEvent.model_validate_json(event))
     if lease_until > now:
         return InProgress(holder, lease_until - now)
-    return None  # the holder's lease ran out: take over
+    return Claimed(after_send=sent)  # the holder's lease ran out: take over
 
 
 class SqliteStore:
@@ -124,7 +136,7 @@ class SqliteStore:
         db.execute(
             "CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,"
             " owner TEXT NOT NULL, lease_until REAL NOT NULL, event TEXT,"
-            " expires_at REAL NOT NULL)"
+            " expires_at REAL NOT NULL, sent INTEGER NOT NULL DEFAULT 0)"
         )
         return db
 
@@ -140,21 +152,22 @@ class SqliteStore:
         self._db.execute("BEGIN IMMEDIATE")  # other processes on this file wait here
         try:
             row = self._db.execute(
-                "SELECT fingerprint, owner, lease_until, event FROM claims"
+                "SELECT fingerprint, owner, lease_until, event, sent FROM claims"
                 " WHERE key = ? AND expires_at > ?",
                 (key, now),
             ).fetchone()
-            decided = _decide(row, fingerprint, now)
-            if decided is None:
+            record: Record | None = (*row[:4], bool(row[4])) if row else None
+            decided = _decide(record, fingerprint, now)
+            if isinstance(decided, Claimed):
                 self._db.execute(
-                    "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, NULL, ?)",
+                    "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, NULL, ?, 0)",
                     (key, fingerprint, owner, now + self._lease_s, now + self._retention_s),
                 )
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        return decided or Claimed()
+        return decided
 
     async def complete(self, key: str, owner: str, event: ResultEvent) -> None:
         await self._run(self._complete, key, event.model_dump_json())
@@ -170,6 +183,21 @@ class SqliteStore:
         await self._run(
             lambda: self._db.execute(
                 "DELETE FROM claims WHERE key = ? AND owner = ? AND event IS NULL", (key, owner)
+            )
+        )
+
+    async def renew(self, key: str, owner: str) -> None:
+        await self._run(
+            lambda: self._db.execute(
+                "UPDATE claims SET lease_until = ? WHERE key = ? AND owner = ? AND event IS NULL",
+                (time.time() + self._lease_s, key, owner),
+            )
+        )
+
+    async def mark_sent(self, key: str, owner: str) -> None:
+        await self._run(
+            lambda: self._db.execute(
+                "UPDATE claims SET sent = 1 WHERE key = ? AND owner = ?", (key, owner)
             )
         )
 

@@ -15,9 +15,11 @@ from worker.idempotency import Claimed, ClaimResult, _decide
 
 KEY_PREFIX = "relay:idempotency:"
 
-# Returns {} when the caller took the key, else the existing record's fields.
+# Returns {} when the caller took a free key, {'taken', sent} when it took over from a dead
+# holder, else the existing record's fields.
 CLAIM_SCRIPT = """
-local record = redis.call('HMGET', KEYS[1], 'fingerprint', 'owner', 'lease_until', 'event')
+local record = redis.call('HMGET', KEYS[1], 'fingerprint', 'owner', 'lease_until', 'event',
+                          'sent')
 local now = tonumber(ARGV[3])
 if record[1] then
   if record[1] ~= ARGV[1] or record[4] or tonumber(record[3]) > now then
@@ -28,6 +30,7 @@ redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'owner', ARGV[2],
            'lease_until', tostring(now + tonumber(ARGV[4])))
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if record[1] then return {'taken', record[5] or '0'} end
 return {}
 """
 
@@ -43,6 +46,12 @@ local record = redis.call('HMGET', KEYS[1], 'owner', 'event')
 if record[1] == ARGV[1] and not record[2] then redis.call('DEL', KEYS[1]) end
 """
 
+# ARGV: owner, field, value: set a field of the claim only while owner holds it unfinished.
+SET_IF_HOLDER_SCRIPT = """
+local record = redis.call('HMGET', KEYS[1], 'owner', 'event')
+if record[1] == ARGV[1] and not record[2] then redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) end
+"""
+
 
 class RedisStore:
     def __init__(self, url: str, lease_s: float, retention_s: float) -> None:
@@ -52,6 +61,7 @@ class RedisStore:
         self._claim = self._redis.register_script(CLAIM_SCRIPT)
         self._complete = self._redis.register_script(COMPLETE_SCRIPT)
         self._release = self._redis.register_script(RELEASE_SCRIPT)
+        self._set_if_holder = self._redis.register_script(SET_IF_HOLDER_SCRIPT)
 
     async def claim(self, key: str, fingerprint: str, owner: str) -> ClaimResult:
         now = time.time()
@@ -59,13 +69,13 @@ class RedisStore:
             keys=[KEY_PREFIX + key],
             args=[fingerprint, owner, repr(now), repr(self._lease_s), self._retention_ms],
         )
-        if not record:
+        fields = [v.decode() if isinstance(v, bytes) else v for v in record]
+        if not fields:
             return Claimed()
-        stored_fp, holder, lease_until, event = (
-            v.decode() if isinstance(v, bytes) else v for v in record
-        )
-        row = (stored_fp, holder, float(lease_until), event)
-        return _decide(row, fingerprint, now) or Claimed()
+        if fields[0] == "taken":
+            return Claimed(after_send=fields[1] == "1")
+        stored_fp, holder, lease_until, event, _ = fields
+        return _decide((stored_fp, holder, float(lease_until), event, False), fingerprint, now)
 
     async def complete(self, key: str, owner: str, event: ResultEvent) -> None:
         await self._complete(
@@ -74,6 +84,13 @@ class RedisStore:
 
     async def release(self, key: str, owner: str) -> None:
         await self._release(keys=[KEY_PREFIX + key], args=[owner])
+
+    async def renew(self, key: str, owner: str) -> None:
+        lease_until = repr(time.time() + self._lease_s)
+        await self._set_if_holder(keys=[KEY_PREFIX + key], args=[owner, "lease_until", lease_until])
+
+    async def mark_sent(self, key: str, owner: str) -> None:
+        await self._set_if_holder(keys=[KEY_PREFIX + key], args=[owner, "sent", "1"])
 
     async def ping(self) -> None:
         await self._redis.ping()

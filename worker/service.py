@@ -62,6 +62,7 @@ class RelayService:
                 # Delay queues exist on RabbitMQ only; elsewhere retries stay in process.
                 retry_delays_s=settings.retry_delays_s if topology.delay_queues else (),
                 defer_s=settings.defer_delay_s,
+                claim_lease_s=settings.claim_lease_s,
             ),
             self.owner,
         )

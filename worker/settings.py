@@ -74,7 +74,9 @@ class Settings(BaseSettings):
     # Idempotency store: sqlite:///path (default) or redis://…
     idempotency_url: str = "sqlite:///.relay/idempotency.sqlite3"
     idempotency_retention_s: float = Field(default=24 * 3600, gt=0)
-    claim_lease_s: float = Field(default=300, gt=0)
+    # A holder renews its claim every third of this; a claim not renewed for this long
+    # (its holder died) is taken over.
+    claim_lease_s: float = Field(default=30, gt=0)
 
     # Vendor calls
     http_timeout_s: float = Field(default=45, gt=0)  # ESET holds a call ~30 s before a 202

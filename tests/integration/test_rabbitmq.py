@@ -209,7 +209,7 @@ def patient_relay(
         sandbox,
         broker_url=amqp_url,
         idempotency_url=redis_url,
-        retry_in_process_s=0.05,
+        retry_in_process_s=1.0,
         retry_max_attempts=2,
         retry_delays_s=(0.3, 0.6),
         defer_delay_s=0.2,

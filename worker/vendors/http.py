@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -68,6 +69,8 @@ class CallBudget:
     collects: int = 0
     statuses: list[int] = field(default_factory=list)
     vendor_time_s: float = 0.0  # time spent waiting on vendor HTTP answers
+    # Called once, just before a mutation first goes out (the handler marks its claim).
+    before_first_mutation: Callable[[], Awaitable[None]] | None = None
 
 
 class Auth(Protocol):
@@ -158,6 +161,9 @@ class VendorHttp:
         headers = {"Authorization": authorization}
         if response_id is not None:
             headers["response-id"] = response_id
+        if request.is_mutation and budget.before_first_mutation is not None:
+            mark, budget.before_first_mutation = budget.before_first_mutation, None
+            await mark()
         with self.telemetry.tracer.start_as_current_span(
             f"{request.method} {request.route}",
             kind=trace.SpanKind.CLIENT,
