@@ -50,7 +50,9 @@ class RelayService:
             max_wait_s=settings.retry_max_wait_s,
         )
         topology = Topology.from_settings(settings)
-        rate_limits = RateLimits(settings.rate_limits, settings.rate_limit_url)
+        rate_limits = RateLimits(
+            settings.rate_limits, settings.rate_limit_url, settings.rate_limit_margin
+        )
         self.vendors = Vendors(settings, rate_limits, policy, self.telemetry)
         self.handler = Handler(
             self.store,

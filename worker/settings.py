@@ -96,6 +96,7 @@ class Settings(BaseSettings):
     token_refresh_margin_s: float = Field(default=300, ge=0)
     rate_limits: dict[str, str] = {"eset": "10/second"}
     rate_limit_url: str = "memory://"
+    rate_limit_margin: float = Field(default=0.03, ge=0, le=1)  # calls paced this much slower
 
     # Operations
     shutdown_grace_s: float = Field(default=30, ge=0)  # SIGTERM: time to finish in-flight work
