@@ -1,0 +1,1 @@
+"""Chaos scenarios: worker replicas as processes against real RabbitMQ and Redis."""

@@ -1,0 +1,383 @@
+"""RabbitMQ from the outside, over pika: names, publishing, watching events, the outage.
+
+pika, not the worker's kombu, so the scenarios talk to the broker the way an outside
+playbook does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from worker.settings import Settings
+from worker.topology import Topology
+
+RECONNECT_PAUSE_S = 0.5
+CTL_TIMEOUT_S = 120.0
+# Errors after which a pika connection is gone and a new one is needed.
+CONNECTION_ERRORS = (pika.exceptions.AMQPError, OSError)
+
+
+def pika_parameters(amqp_url: str) -> pika.URLParameters:
+    # kombu spells the default vhost "//"; pika wants it percent-encoded.
+    if amqp_url.endswith("//"):
+        amqp_url = amqp_url[:-1] + "%2F"
+    parameters = pika.URLParameters(amqp_url)
+    parameters.connection_attempts = 1
+    parameters.socket_timeout = 5
+    parameters.blocked_connection_timeout = 30
+    return parameters
+
+
+@dataclass(frozen=True)
+class Names:
+    """Unique broker names for one scenario; everything starts with ``prefix``."""
+
+    prefix: str
+
+    @classmethod
+    def unique(cls, scenario: str) -> Names:
+        return cls(f"chaos.{scenario}.{uuid.uuid4().hex[:8]}")
+
+    @property
+    def command_exchange(self) -> str:
+        return f"{self.prefix}.commands"
+
+    @property
+    def command_queue(self) -> str:
+        return f"{self.prefix}.commands"
+
+    @property
+    def event_exchange(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.prefix}.commands.dead"
+
+    @property
+    def observed_events(self) -> str:
+        """The queue the scenario collects every result event in."""
+        return f"{self.prefix}.observed-events"
+
+    def worker_env(self) -> dict[str, str]:
+        return {
+            "RELAY_COMMAND_EXCHANGE": self.command_exchange,
+            "RELAY_COMMAND_QUEUE": self.command_queue,
+            "RELAY_EVENT_EXCHANGE": self.event_exchange,
+            "RELAY_DEAD_LETTER_QUEUE": self.dead_letter_queue,
+        }
+
+
+class Admin:
+    """Short-lived connections for declaring, inspecting and deleting."""
+
+    def __init__(self, amqp_url: str, names: Names) -> None:
+        self.amqp_url = amqp_url
+        self.names = names
+
+    @contextmanager
+    def channel(self) -> Iterator[Any]:
+        connection = pika.BlockingConnection(pika_parameters(self.amqp_url))
+        try:
+            yield connection.channel()
+        finally:
+            with suppress(*CONNECTION_ERRORS):
+                connection.close()
+
+    def queue_state(self, queue: str) -> tuple[int, int] | None:
+        """(messages ready, consumers) of ``queue``; None when it does not exist."""
+        try:
+            with self.channel() as channel:
+                declared = channel.queue_declare(queue, passive=True)
+        except pika.exceptions.ChannelClosedByBroker:
+            return None
+        return declared.method.message_count, declared.method.consumer_count
+
+    def wait_consumers(self, count: int, timeout_s: float) -> bool:
+        """True once the command queue has exactly ``count`` consumers."""
+        give_up_at = time.monotonic() + timeout_s
+        while time.monotonic() < give_up_at:
+            with suppress(*CONNECTION_ERRORS):
+                state = self.queue_state(self.names.command_queue)
+                if state is not None and state[1] == count:
+                    return True
+            time.sleep(0.2)
+        return False
+
+    def declare_observer(self) -> None:
+        """A durable queue bound to the event exchange with ``#``, to see every event."""
+        with self.channel() as channel:
+            # Same arguments as the worker's declaration (the contract's topic exchange).
+            channel.exchange_declare(self.names.event_exchange, "topic", durable=True)
+            channel.queue_declare(self.names.observed_events, durable=True)
+            channel.queue_bind(self.names.observed_events, self.names.event_exchange, "#")
+
+    def delete_everything(self, ctl: RabbitCtl | None) -> None:
+        """Delete the scenario's queues and exchanges, also those the worker derives from
+        its settings (delay queues) and, with ``ctl``, any other under the prefix."""
+        queues = {self.names.observed_events, *self._worker_queues()}
+        exchanges = {self.names.command_exchange, self.names.event_exchange}
+        if ctl is not None:
+            queues |= set(ctl.names("list_queues", self.names.prefix))
+            exchanges |= set(ctl.names("list_exchanges", self.names.prefix))
+        with self.channel() as channel:
+            for queue in sorted(queues):
+                channel.queue_delete(queue)
+            for exchange in sorted(exchanges):
+                channel.exchange_delete(exchange)
+
+    def _worker_queues(self) -> set[str]:
+        """The queues the worker declares with the scenario's names and default settings."""
+        names: dict[str, Any] = {
+            k.removeprefix("RELAY_").lower(): v for k, v in self.names.worker_env().items()
+        }
+        topology = Topology.from_settings(Settings(broker_url=self.amqp_url, **names))
+        queues = {topology.command_queue.name, topology.dead_letter_queue.name}
+        delay_queues: dict[float, Any] = getattr(topology, "delay_queues", {})
+        return queues | {queue.name for queue in delay_queues.values()}
+
+
+def publish(amqp_url: str, exchange: str, commands: Iterable[dict[str, Any]]) -> None:
+    """Publish each command (persistent, confirmed, routing key = type) to ``exchange``."""
+    connection = pika.BlockingConnection(pika_parameters(amqp_url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for command in commands:
+            channel.basic_publish(
+                exchange=exchange,
+                routing_key=command["type"],
+                body=json.dumps(command).encode(),
+                properties=pika.BasicProperties(
+                    content_type="application/json",
+                    delivery_mode=pika.DeliveryMode.Persistent,
+                    message_id=command["id"],
+                ),
+                mandatory=True,  # an unroutable command raises instead of vanishing
+            )
+    finally:
+        with suppress(*CONNECTION_ERRORS):
+            connection.close()
+
+
+def publish_in_parallel(
+    amqp_url: str, exchange: str, commands: list[dict[str, Any]], connections: int = 4
+) -> None:
+    """:func:`publish` over several connections at once (confirms are per message)."""
+    errors: list[BaseException] = []
+
+    def publish_share(share: list[dict[str, Any]]) -> None:
+        try:
+            publish(amqp_url, exchange, share)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [
+        threading.Thread(target=publish_share, args=(commands[i::connections],), daemon=True)
+        for i in range(connections)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+@dataclass(frozen=True)
+class SeenEvent:
+    event_id: str
+    command_id: str
+    idempotency_key: str
+    outcome: str
+    replayed: bool
+    error_code: str | None
+    attempts: int | None
+    response_id: str | None  # ESET's, when the first answer was a 202
+
+    @classmethod
+    def from_body(cls, body: bytes) -> SeenEvent:
+        event = json.loads(body)
+        data = event["data"]
+        error = data.get("error") or {}
+        vendor = data.get("vendor") or {}
+        return cls(
+            event_id=event["id"],
+            command_id=data["command_id"],
+            idempotency_key=data["idempotency_key"],
+            outcome=data["outcome"],
+            replayed=bool(data.get("replayed")),
+            error_code=error.get("code"),
+            attempts=data.get("attempts"),
+            response_id=vendor.get("response_id"),
+        )
+
+
+class EventCollector:
+    """Consumes the observer queue on a thread of its own, reconnecting when the broker
+    goes away; events redelivered after a reconnect are counted once (by event id)."""
+
+    def __init__(self, amqp_url: str, queue: str) -> None:
+        self._parameters = pika_parameters(amqp_url)
+        self._queue = queue
+        self._lock = threading.Lock()
+        self._events: dict[str, SeenEvent] = {}
+        self._by_command: dict[str, list[SeenEvent]] = {}
+        self.reconnects = 0
+        self.undecodable = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="event-collector", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._consume()
+            except CONNECTION_ERRORS:
+                self.reconnects += 1
+                self._stop.wait(RECONNECT_PAUSE_S)
+
+    def _consume(self) -> None:
+        connection = pika.BlockingConnection(self._parameters)
+        try:
+            channel = connection.channel()
+            channel.basic_qos(prefetch_count=1000)
+            for method, _, body in channel.consume(self._queue, inactivity_timeout=0.2):
+                if self._stop.is_set():
+                    break
+                if method is None:
+                    continue
+                self._add(body)
+                channel.basic_ack(method.delivery_tag)
+        finally:
+            with suppress(*CONNECTION_ERRORS):
+                connection.close()
+
+    def _add(self, body: bytes) -> None:
+        try:
+            seen = SeenEvent.from_body(body)
+        except (ValueError, KeyError, TypeError):
+            with self._lock:
+                self.undecodable += 1
+            return
+        with self._lock:
+            if seen.event_id in self._events:
+                return
+            self._events[seen.event_id] = seen
+            self._by_command.setdefault(seen.command_id, []).append(seen)
+
+    def answered(self, command_ids: Iterable[str]) -> int:
+        """How many of ``command_ids`` have at least one event."""
+        with self._lock:
+            return sum(1 for command_id in command_ids if command_id in self._by_command)
+
+    def by_command(self) -> dict[str, list[SeenEvent]]:
+        with self._lock:
+            return {command_id: list(seen) for command_id, seen in self._by_command.items()}
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self._events)
+
+
+class RabbitCtl:
+    """``rabbitmqctl`` of the local node (or ``CHAOS_RABBITMQCTL``, e.g. a docker exec)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.argv = argv
+        self.env = env
+
+    @classmethod
+    def find(cls) -> RabbitCtl | None:
+        env = dict(os.environ)
+        configured = os.environ.get("CHAOS_RABBITMQCTL")
+        if configured:
+            return cls(shlex.split(configured), env)
+        path = shutil.which("rabbitmqctl") or shutil.which("rabbitmqctl", path="/usr/sbin:/sbin")
+        if path is None:
+            return None
+        argv = [path]
+        if os.geteuid() != 0 and shutil.which("sudo"):
+            argv = ["sudo", "-n", "--preserve-env=RABBITMQ_NODENAME", path]
+        # As .ci/services does: a node on a host whose name does not resolve is named
+        # after localhost.
+        if "RABBITMQ_NODENAME" not in env and not _resolves(socket.gethostname().split(".")[0]):
+            env["RABBITMQ_NODENAME"] = "rabbit@localhost"
+        ctl = cls(argv, env)
+        return ctl if ctl.works() else None
+
+    def run(self, *args: str, timeout_s: float = CTL_TIMEOUT_S) -> str:
+        # Its own process group, so that a CLI hanging on a stuck node is killed with the
+        # Erlang VM it started, not just the wrapper script.
+        process = subprocess.Popen(
+            [*self.argv, *args],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            out, err = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+        if process.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {err.strip()}")
+        return out
+
+    def works(self) -> bool:
+        try:
+            self.run("-q", "status", timeout_s=30)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired):
+            return False
+        return True
+
+    def names(self, what: str, prefix: str) -> list[str]:
+        """Queue or exchange names (``list_queues``/``list_exchanges``) with ``prefix``."""
+        try:
+            out = self.run("-q", what, "name", "--no-table-headers", timeout_s=30)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired):
+            return []
+        return [line.strip() for line in out.splitlines() if line.strip().startswith(prefix)]
+
+    def stop_app(self) -> None:
+        self.run("stop_app")
+
+    def start_app(self) -> None:
+        self.run("start_app")
+        self.run("await_startup", "--timeout", str(int(CTL_TIMEOUT_S)))
+
+
+def _resolves(host: str) -> bool:
+    try:
+        socket.gethostbyname(host)
+    except OSError:
+        return False
+    return True

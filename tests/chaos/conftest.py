@@ -1,0 +1,65 @@
+"""Fixtures of the chaos scenarios, and the report of their figures.
+
+Each scenario's figures are printed (visible with ``-s``), listed in a "chaos figures"
+section at the end of the pytest output, and appended as a JSON line to the file named
+by ``CHAOS_REPORT`` when that is set.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from .figures import Figures
+from .rig import ChaosRig
+
+FIGURES = pytest.StashKey[list[Figures]]()
+
+Report = Callable[[Figures], None]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "chaos: worker replicas as processes killed, restarted and starved against real "
+        "RabbitMQ and Redis (slow; select with -m chaos, leave out with -m 'not chaos')",
+    )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    figures = terminalreporter.config.stash.get(FIGURES, [])
+    if figures:
+        terminalreporter.write_sep("=", "chaos figures")
+        for one in figures:
+            terminalreporter.write_line(one.summary())
+
+
+@pytest.fixture
+def report(request: pytest.FixtureRequest) -> Report:
+    """Record a scenario's figures (printed, summarised at the end, CHAOS_REPORT)."""
+
+    def record(figures: Figures) -> None:
+        request.config.stash.setdefault(FIGURES, []).append(figures)
+        print(figures.summary())
+        path = os.environ.get("CHAOS_REPORT")
+        if path:
+            with Path(path).open("a") as out:
+                out.write(figures.as_json() + "\n")
+
+    return record
+
+
+@pytest.fixture
+def rig(
+    request: pytest.FixtureRequest, amqp_url: str, redis_url: str, tmp_path: Path
+) -> Iterator[ChaosRig]:
+    """A scenario's world, torn down (every process killed) whatever happens."""
+    scenario = request.node.name.removeprefix("test_")
+    chaos_rig = ChaosRig(scenario, amqp_url, redis_url, tmp_path)
+    try:
+        yield chaos_rig
+    finally:
+        chaos_rig.close()

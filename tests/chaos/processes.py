@@ -1,0 +1,241 @@
+"""The sandbox vendors and the worker replicas, each a process in its own process group.
+
+Every process logs to a file of its own (its tail is shown when a scenario fails) and is
+killed, group and all, when the scenario ends, whatever happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from worker.demo import sandbox_tenant
+from worker.sandbox import SandboxConfig
+
+REPO = Path(__file__).resolve().parents[2]
+HOST = "127.0.0.1"
+SANDBOX_START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 10.0
+
+# `serve` runs uvicorn in the foreground; SIGTERM stops it.
+SANDBOX_SCRIPT = """
+import sys
+from worker.sandbox import SandboxConfig, serve
+config = SandboxConfig() if sys.argv[3] == "limited" else SandboxConfig(rate_limit_per_s={})
+serve(sys.argv[1], int(sys.argv[2]), config)
+"""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _clean_environment() -> dict[str, str]:
+    """This process's environment without worker settings or telemetry exporters."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("RELAY_", "OTEL_"))
+    } | {"PYTHONUNBUFFERED": "1"}
+
+
+@dataclass
+class Proc:
+    """One child process, the leader of its own process group."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @classmethod
+    def start(cls, name: str, argv: list[str], env: Mapping[str, str], log_path: Path) -> Proc:
+        with log_path.open("ab") as log:
+            popen = subprocess.Popen(
+                argv,
+                cwd=REPO,
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: killpg reaches all of it
+            )
+        return cls(name, popen, log_path)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        """Signal the group, only while its leader is ours and not yet reaped (a reaped
+        pid may already belong to someone else)."""
+        if self.popen.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL the whole group and reap the process."""
+        self.signal(signal.SIGKILL)
+        self.popen.wait(STOP_TIMEOUT_S)
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout_s``; the exit code of a clean exit."""
+        if self.alive():
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return None
+        return self.popen.returncode
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class SandboxProcess:
+    """The vendor sandbox served by ``worker.sandbox.serve`` in a process of its own."""
+
+    def __init__(self, log_dir: Path, *, rate_limited: bool) -> None:
+        self.port = free_port()
+        self.base_url = f"http://{HOST}:{self.port}"
+        mode = "limited" if rate_limited else "unlimited"
+        argv = [sys.executable, "-c", SANDBOX_SCRIPT, HOST, str(self.port), mode]
+        self.proc = Proc.start("sandbox", argv, _clean_environment(), log_dir / "sandbox.log")
+        self._http = httpx.Client(base_url=self.base_url, timeout=10)
+        self._wait_started()
+
+    def _wait_started(self) -> None:
+        give_up_at = time.monotonic() + SANDBOX_START_TIMEOUT_S
+        while time.monotonic() < give_up_at:
+            if not self.proc.alive():
+                raise RuntimeError(f"sandbox exited at start:\n{self.proc.log_tail()}")
+            try:
+                if self._http.get("/_sandbox/stats").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"sandbox did not answer within {SANDBOX_START_TIMEOUT_S:g}s")
+
+    def stats(self) -> dict[str, Any]:
+        """calls, statuses and effects per route, collects, throttled."""
+        response = self._http.get("/_sandbox/stats")
+        response.raise_for_status()
+        stats: dict[str, Any] = response.json()
+        return stats
+
+    def set_faults(self, **faults: Any) -> None:
+        """Replace the fault switches (``Faults`` fields: latency_ms, throttle_rate, …)."""
+        self._http.put("/_sandbox/faults", content=json.dumps(faults)).raise_for_status()
+
+    def close(self) -> None:
+        self._http.close()
+        self.proc.stop()
+
+
+def tenants_json(base_url: str) -> str:
+    """``RELAY_TENANTS``: the demo's sandbox tenant, with its secrets written out."""
+    config = SandboxConfig()
+    tenant = sandbox_tenant(base_url, config).model_dump(mode="json")
+    # model_dump masks SecretStr values; the sandbox accepts its own defaults.
+    tenant["eset"]["password"] = config.eset_password
+    tenant["fylr"]["client_secret"] = config.fylr_client_secret
+    tenant["fylr"]["password"] = config.fylr_password
+    tenant["spaaza"]["token_secret"] = config.spaaza_token_secret
+    return json.dumps({"default": tenant})
+
+
+@dataclass
+class ExitRecord:
+    """A replica process that ended, and why."""
+
+    name: str
+    returncode: int | None
+    expected: bool  # killed or stopped by the scenario, not crashed
+
+
+class Fleet:
+    """Worker replicas (``python -m worker.cli run``), each restartable by index."""
+
+    def __init__(self, env: Mapping[str, str], log_dir: Path, replicas: int) -> None:
+        self.env = _clean_environment() | dict(env)
+        self.log_dir = log_dir
+        self.procs: list[Proc] = []
+        self.exits: list[ExitRecord] = []
+        self.starts = 0
+        for index in range(replicas):
+            self.procs.append(self._start(index))
+
+    def _start(self, index: int) -> Proc:
+        self.starts += 1
+        name = f"replica-{index}"
+        argv = [sys.executable, "-m", "worker.cli", "run"]
+        return Proc.start(name, argv, self.env, self.log_dir / f"{name}.log")
+
+    def check_alive(self) -> None:
+        """Note replicas that died on their own, and start them again."""
+        for index, proc in enumerate(self.procs):
+            if not proc.alive():
+                self.exits.append(ExitRecord(proc.name, proc.popen.returncode, expected=False))
+                self.procs[index] = self._start(index)
+
+    def kill(self, index: int) -> None:
+        """SIGKILL replica ``index`` (no chance to finish anything)."""
+        proc = self.procs[index]
+        crashed = not proc.alive()  # it died before the scenario could kill it
+        proc.kill()
+        self.exits.append(ExitRecord(proc.name, proc.popen.returncode, expected=not crashed))
+
+    def terminate(self, index: int, timeout_s: float) -> int | None:
+        """SIGTERM replica ``index`` and wait for it; its exit code (None: it hung)."""
+        proc = self.procs[index]
+        returncode = proc.stop(timeout_s)
+        self.exits.append(ExitRecord(proc.name, returncode, expected=True))
+        return returncode
+
+    def restart(self, index: int) -> None:
+        self.procs[index] = self._start(index)
+
+    @property
+    def crashes(self) -> list[ExitRecord]:
+        return [record for record in self.exits if not record.expected]
+
+    def log_tails(self, lines: int = 15) -> str:
+        return "\n".join(f"--- {p.name}\n{p.log_tail(lines)}" for p in self.procs)
+
+    def close(self, timeout_s: float = STOP_TIMEOUT_S) -> list[int | None]:
+        """Stop every replica at once (SIGTERM, SIGKILL after ``timeout_s``); their exit
+        codes (None: killed after hanging)."""
+        for proc in self.procs:
+            if proc.alive():
+                proc.signal(signal.SIGTERM)
+        give_up_at = time.monotonic() + timeout_s
+        codes: list[int | None] = []
+        for proc in self.procs:
+            try:
+                codes.append(proc.popen.wait(max(0.0, give_up_at - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes.append(None)
+        return codes

@@ -1,0 +1,275 @@
+"""One scenario's world: sandbox, replicas, queues, Redis database, event collector.
+
+    rig.start(replicas=3)
+    rig.publish(workload)
+    rig.run_until_answered(workload, timeout_s=90, chaos=every_so_often)
+    figures = rig.finish(workload)
+
+:meth:`ChaosRig.close` kills every process it started, puts RabbitMQ back if a scenario
+stopped it, deletes the scenario's queues and exchanges and empties its Redis database,
+also when the scenario failed half-way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse, urlunparse
+
+import redis
+
+from .broker import CONNECTION_ERRORS, Admin, EventCollector, Names, RabbitCtl, publish_in_parallel
+from .figures import Figures, Workload, compute
+from .processes import Fleet, SandboxProcess, tenants_json
+
+REDIS_DB = 14  # the chaos suite's own database, emptied at the start of each scenario
+READY_TIMEOUT_S = 30.0
+SETTLE_S = 1.0  # after the last command is answered, for late replays to arrive
+POLL_S = 0.1
+PIKA_LOG = logging.getLogger("pika")
+
+Chaos = Callable[[float], None]  # called with the seconds since publishing started
+
+
+def chaos_redis_url(redis_url: str) -> str:
+    return urlunparse(urlparse(redis_url)._replace(path=f"/{REDIS_DB}"))
+
+
+class ChaosRig:
+    def __init__(self, scenario: str, amqp_url: str, redis_url: str, log_dir: Path) -> None:
+        self.scenario = scenario
+        self.amqp_url = amqp_url
+        self.redis_url = chaos_redis_url(redis_url)
+        self.log_dir = log_dir
+        self.names = Names.unique(scenario)
+        self.admin = Admin(amqp_url, self.names)
+        self._ctl: RabbitCtl | None = None  # found when a scenario needs it (it is slow)
+        self.sandbox: SandboxProcess | None = None
+        self.fleet: Fleet | None = None
+        self.collector: EventCollector | None = None
+        self.rabbit_stopped = False
+        self.started_at = 0.0
+        self.answered_at: float | None = None
+        self.extra: dict[str, Any] = {}
+        self._publisher: threading.Thread | None = None
+        self._publish_error: BaseException | None = None
+        with redis.Redis.from_url(self.redis_url) as client:
+            client.flushdb()
+        # pika logs every refused reconnect (the outage) and expected 404 (waiting for the
+        # worker's queue) as errors; the figures count what matters.
+        self._pika_log_level = PIKA_LOG.level
+        PIKA_LOG.setLevel(logging.CRITICAL)
+
+    @property
+    def ctl(self) -> RabbitCtl | None:
+        """``rabbitmqctl`` of the broker's node, None when it is not usable from here."""
+        if self._ctl is None:
+            self._ctl = RabbitCtl.find()
+        return self._ctl
+
+    # --- setting up ---
+
+    def start(
+        self,
+        *,
+        replicas: int,
+        rate_limited: bool = False,
+        concurrency: int = 32,
+        claim_lease_s: float = 3.0,
+        **settings: str,
+    ) -> None:
+        """The sandbox, then ``replicas`` workers; returns once all of them consume."""
+        self.sandbox = SandboxProcess(self.log_dir, rate_limited=rate_limited)
+        rate_limits = {"eset": "10/second"} if rate_limited else {}
+        env = {
+            **self.names.worker_env(),
+            "RELAY_BROKER_URL": self.amqp_url,
+            "RELAY_IDEMPOTENCY_URL": self.redis_url,
+            "RELAY_RATE_LIMIT_URL": self.redis_url,
+            "RELAY_RATE_LIMITS": json.dumps(rate_limits),
+            "RELAY_ESET_HOST_TEMPLATE": f"{self.sandbox.base_url}/eset/{{region}}/{{service}}",
+            "RELAY_TENANTS": tenants_json(self.sandbox.base_url),
+            "RELAY_RETRY_INITIAL_WAIT_S": "0.05",
+            "RELAY_COLLECT_INTERVAL_S": "0.1",
+            "RELAY_CLAIM_LEASE_S": str(claim_lease_s),
+            "RELAY_CONCURRENCY": str(concurrency),
+            # Per-command lines cost CPU the replicas need; CHAOS_LOG_LEVEL=INFO to see them.
+            "RELAY_LOG_LEVEL": os.environ.get("CHAOS_LOG_LEVEL", "WARNING"),
+            "RELAY_LOG_FORMAT": "json",  # with command ids and keys, to trace one key
+            **settings,
+        }
+        self.fleet = Fleet(env, self.log_dir, replicas)
+        if not self.admin.wait_consumers(replicas, READY_TIMEOUT_S):
+            raise AssertionError(
+                f"{replicas} replicas were not consuming within {READY_TIMEOUT_S:g}s:\n"
+                + self.fleet.log_tails()
+            )
+        self.admin.declare_observer()  # before anything is published
+        self.collector = EventCollector(self.amqp_url, self.names.observed_events)
+        self.collector.start()
+
+    def sandbox_faults(self, **faults: Any) -> None:
+        """Switch vendor faults on (``Faults`` fields); they apply to every later call."""
+        assert self.sandbox is not None
+        self.sandbox.set_faults(**faults)
+        self.extra["faults"] = faults
+
+    def publish(self, workload: Workload, *, background: bool = False) -> None:
+        """Publish every command (confirmed); the scenario clock starts here. In the
+        background, :meth:`run_until_answered` runs its chaos while commands still go out."""
+        self.started_at = time.monotonic()
+        if not background:
+            self._publish(workload)
+            return
+        self._publisher = threading.Thread(
+            target=self._publish, args=(workload,), name="publisher", daemon=True
+        )
+        self._publisher.start()
+
+    def _publish(self, workload: Workload) -> None:
+        try:
+            publish_in_parallel(self.amqp_url, self.names.command_exchange, workload.commands)
+        except BaseException as error:
+            self._publish_error = error
+            raise
+        self.extra["publish_s"] = round(time.monotonic() - self.started_at, 2)
+
+    # --- running ---
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started_at
+
+    def answered(self, workload: Workload) -> int:
+        assert self.collector is not None
+        return self.collector.answered(workload.command_ids)
+
+    def run_until_answered(
+        self, workload: Workload, timeout_s: float, chaos: Chaos | None = None
+    ) -> bool:
+        """Wait until every command has an event (True) or ``timeout_s`` has passed,
+        calling ``chaos`` on the way; replicas that die on their own are started again
+        (and counted as crashes)."""
+        assert self.fleet is not None
+        give_up_at = self.started_at + timeout_s
+        total = len(workload.commands)
+        while time.monotonic() < give_up_at:
+            if self._publish_error is not None:
+                raise AssertionError("publishing failed") from self._publish_error
+            self.fleet.check_alive()
+            if self.answered(workload) == total:
+                self.answered_at = time.monotonic()
+                return True
+            if chaos is not None:
+                chaos(self.elapsed_s)
+            time.sleep(POLL_S)
+        return False
+
+    def stop_rabbitmq(self) -> None:
+        assert self.ctl is not None
+        self.rabbit_stopped = True
+        self.ctl.stop_app()
+
+    def start_rabbitmq(self) -> None:
+        assert self.ctl is not None
+        self.ctl.start_app()
+        self.rabbit_stopped = False
+
+    # --- results ---
+
+    def finish(self, workload: Workload) -> Figures:
+        """Let late events arrive, stop the replicas (SIGTERM), and compute the figures."""
+        assert self.fleet is not None and self.sandbox is not None and self.collector is not None
+        duration_s = (self.answered_at or time.monotonic()) - self.started_at
+        time.sleep(SETTLE_S)
+        with suppress(*CONNECTION_ERRORS):
+            self.extra["left_in_queue"] = _ready(self.admin.queue_state(self.names.command_queue))
+            self.extra["dead_lettered"] = _ready(
+                self.admin.queue_state(self.names.dead_letter_queue)
+            )
+        self.fleet.check_alive()
+        self.extra["exit_codes_at_end"] = self.fleet.close()
+        self.extra["crashes"] = len(self.fleet.crashes)
+        figures = compute(
+            self.scenario,
+            workload,
+            self.collector.by_command(),
+            self.sandbox.stats(),
+            duration_s,
+        )
+        figures.extra.update(self.extra)
+        if self.collector.reconnects:
+            figures.extra["observer_reconnects"] = self.collector.reconnects
+        if self.collector.undecodable:
+            figures.extra["undecodable_events"] = self.collector.undecodable
+        return figures
+
+    def diagnostics(self) -> str:
+        """Log tails of the replicas and the sandbox, for a failure message."""
+        parts = []
+        if self.fleet is not None:
+            parts.append(self.fleet.log_tails())
+            parts.extend(f"crashed: {record}" for record in self.fleet.crashes)
+        if self.sandbox is not None:
+            parts.append(f"--- sandbox\n{self.sandbox.proc.log_tail(10)}")
+        parts.append(f"logs in {self.log_dir}")
+        return "\n".join(parts)
+
+    # --- tearing down ---
+
+    def close(self) -> None:
+        """Every step is tried even when an earlier one failed; the first error is raised."""
+        errors: list[BaseException] = []
+        for step in (
+            self._stop_observers,
+            self._kill_fleet,
+            self._stop_sandbox,
+            self._restore_rabbitmq,
+            self._delete_queues,
+            self._empty_redis,
+        ):
+            try:
+                step()
+            except Exception as error:  # each step gets its chance
+                errors.append(error)
+        PIKA_LOG.setLevel(self._pika_log_level)
+        if errors:
+            raise errors[0]
+
+    def _stop_observers(self) -> None:
+        if self._publisher is not None:
+            self._publisher.join(30)
+        if self.collector is not None:
+            self.collector.stop()
+
+    def _kill_fleet(self) -> None:
+        if self.fleet is not None:
+            for proc in self.fleet.procs:
+                proc.kill()
+
+    def _stop_sandbox(self) -> None:
+        if self.sandbox is not None:
+            self.sandbox.close()
+
+    def _restore_rabbitmq(self) -> None:
+        if self.rabbit_stopped and self._ctl is not None:
+            self.start_rabbitmq()
+
+    def _delete_queues(self) -> None:
+        with suppress(*CONNECTION_ERRORS):
+            self.admin.delete_everything(self._ctl)
+
+    def _empty_redis(self) -> None:
+        with redis.Redis.from_url(self.redis_url) as client:
+            client.flushdb()
+
+
+def _ready(state: tuple[int, int] | None) -> int | None:
+    return None if state is None else state[0]
