@@ -158,9 +158,10 @@ def test_only_the_holder_can_renew_or_mark(store_url: str, key: str) -> None:
         async with stores(store_url, lease_s=0.05) as (store,):
             await store.claim(key, FP, "worker-1")
             await store.renew(key, "worker-2")
-            await store.mark_sent(key, "worker-2")
+            assert await store.mark_sent(key, "worker-2") is False  # it must not send
+            assert await store.mark_sent(key, "worker-1") is True
             await asyncio.sleep(0.1)
-            assert await store.claim(key, FP, "worker-3") == Claimed(after_send=False)
+            assert await store.claim(key, FP, "worker-3") == Claimed(after_send=True)
 
     asyncio.run(scenario())
 

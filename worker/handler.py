@@ -113,7 +113,10 @@ class Handler:
                 case Claimed(after_send=True) if command.type not in READ_ONLY_TYPES:
                     return await self._after_dead_holder(command)
                 case Claimed():
-                    return await self._run_claimed(command, deadline, delivery)
+                    try:
+                        return await self._run_claimed(command, deadline, delivery)
+                    except _ClaimLost:
+                        continue  # another worker has the key now: see what it says
                 case InProgress(lease_left_s=lease_left_s):
                     # Another delivery of this key is being worked on: come back for its
                     # result rather than call the vendor a second time.
@@ -152,7 +155,7 @@ class Handler:
         budget = CallBudget(
             deadline=deadline,
             retry_deadline=retry_deadline,
-            before_first_mutation=lambda: self._store.mark_sent(command.key, self._owner),
+            before_first_mutation=lambda: self._mark_sent(command.key),
         )
         renewing = asyncio.create_task(self._keep_lease(command.key))
         try:
@@ -160,6 +163,8 @@ class Handler:
                 event = self._delivery_limit_reached(command, started_at, delivery)
             else:
                 event = await self._execute(command, budget, started_at, delivery)
+        except _ClaimLost:
+            raise  # not ours to release
         except _RetryLater as later:
             await self._store.release(command.key, self._owner)  # the retry claims it again
             return Settlement(
@@ -207,6 +212,12 @@ class Handler:
             attempts=delivery.attempts + budget.attempts,
             reply=reply,
         )
+
+    async def _mark_sent(self, key: str) -> None:
+        # A worker starved for longer than its lease may have lost the key to another one,
+        # which then does the work: this one must not send it as well.
+        if not await self._store.mark_sent(key, self._owner):
+            raise _ClaimLost(key)
 
     async def _keep_lease(self, key: str) -> None:
         """Renew the claim while this worker is alive and working, so a slow vendor call
@@ -304,3 +315,7 @@ def replay_for(command: Command, stored: ResultEvent) -> ResultEvent:
     replay = stored.as_replay()
     data = replay.data.model_copy(update={"command_id": command.command_id})
     return replay.model_copy(update={"data": data, "subject": command.command_id})
+
+
+class _ClaimLost(Exception):
+    """Raised inside the handler when its lease ran out and another worker took the key."""

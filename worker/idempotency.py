@@ -81,8 +81,9 @@ class IdempotencyStore(Protocol):
         """Extend ``owner``'s lease: it is alive and still working."""
         ...
 
-    async def mark_sent(self, key: str, owner: str) -> None:
-        """Record that the vendor may have acted, before the mutation is sent."""
+    async def mark_sent(self, key: str, owner: str) -> bool:
+        """Record that the vendor may act, just before the mutation is sent; False when
+        ``owner`` no longer holds the claim (it must then not send)."""
         ...
 
     async def ping(self) -> None: ...
@@ -194,12 +195,14 @@ class SqliteStore:
             )
         )
 
-    async def mark_sent(self, key: str, owner: str) -> None:
-        await self._run(
+    async def mark_sent(self, key: str, owner: str) -> bool:
+        cursor = await self._run(
             lambda: self._db.execute(
-                "UPDATE claims SET sent = 1 WHERE key = ? AND owner = ?", (key, owner)
+                "UPDATE claims SET sent = 1 WHERE key = ? AND owner = ? AND event IS NULL",
+                (key, owner),
             )
         )
+        return bool(cursor.rowcount == 1)
 
     async def purge_expired(self) -> int:
         cursor = await self._run(

@@ -46,10 +46,15 @@ local record = redis.call('HMGET', KEYS[1], 'owner', 'event')
 if record[1] == ARGV[1] and not record[2] then redis.call('DEL', KEYS[1]) end
 """
 
-# ARGV: owner, field, value: set a field of the claim only while owner holds it unfinished.
+# ARGV: owner, field, value: set a field of the claim only while owner holds it unfinished;
+# 1 when it did.
 SET_IF_HOLDER_SCRIPT = """
 local record = redis.call('HMGET', KEYS[1], 'owner', 'event')
-if record[1] == ARGV[1] and not record[2] then redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) end
+if record[1] == ARGV[1] and not record[2] then
+  redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+  return 1
+end
+return 0
 """
 
 
@@ -89,8 +94,9 @@ class RedisStore:
         lease_until = repr(time.time() + self._lease_s)
         await self._set_if_holder(keys=[KEY_PREFIX + key], args=[owner, "lease_until", lease_until])
 
-    async def mark_sent(self, key: str, owner: str) -> None:
-        await self._set_if_holder(keys=[KEY_PREFIX + key], args=[owner, "sent", "1"])
+    async def mark_sent(self, key: str, owner: str) -> bool:
+        done = await self._set_if_holder(keys=[KEY_PREFIX + key], args=[owner, "sent", "1"])
+        return bool(done)
 
     async def ping(self) -> None:
         await self._redis.ping()
