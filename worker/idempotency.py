@@ -204,12 +204,6 @@ class SqliteStore:
         )
         return bool(cursor.rowcount == 1)
 
-    async def purge_expired(self) -> int:
-        cursor = await self._run(
-            lambda: self._db.execute("DELETE FROM claims WHERE expires_at <= ?", (time.time(),))
-        )
-        return int(cursor.rowcount)
-
     async def ping(self) -> None:
         await self._run(lambda: self._db.execute("SELECT 1").fetchone())
 

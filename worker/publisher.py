@@ -48,17 +48,7 @@ class Publisher:
             headers["x-relay-event-id"] = event.id
             if event.data.error is not None:
                 headers["x-relay-error-code"] = str(event.data.error.code)
-        self._producer.publish(
-            command.body,
-            exchange="",
-            routing_key=self._topology.dead_letter_queue.name,
-            content_type=command.content_type or "application/octet-stream",
-            content_encoding=command.content_encoding or "binary",
-            headers=headers,
-            delivery_mode=PERSISTENT,
-            message_id=command.properties.get("message_id"),
-            retry=False,
-        )
+        self._forward(command, self._topology.dead_letter_queue.name, headers)
 
     def delay(self, command: Message, queue: str, retries: int, attempts: int) -> None:
         """Send the command, as it came, to a delay queue; it returns to the command queue
@@ -66,17 +56,22 @@ class Publisher:
         headers: dict[str, Any] = dict(command.headers or {})
         headers.pop("x-delivery-count", None)  # a fresh message: the broker counts anew
         headers.update({"x-relay-retries": retries, "x-relay-attempts": attempts})
+        self._forward(command, queue, headers)
+
+    def _forward(self, command: Message, queue: str, headers: dict[str, Any]) -> None:
+        """The command's body and properties, unchanged, to ``queue``, with ``headers``."""
+        properties = command.properties
         self._producer.publish(
             command.body,
             exchange="",
             routing_key=queue,
-            content_type=command.content_type or "application/json",
-            content_encoding=command.content_encoding or "utf-8",
+            content_type=command.content_type or "application/octet-stream",
+            content_encoding=command.content_encoding or "binary",
             headers=headers,
             delivery_mode=PERSISTENT,
-            message_id=command.properties.get("message_id"),
-            correlation_id=command.properties.get("correlation_id"),
-            reply_to=command.properties.get("reply_to"),
+            message_id=properties.get("message_id"),
+            correlation_id=properties.get("correlation_id"),
+            reply_to=properties.get("reply_to"),
             retry=False,
         )
 
