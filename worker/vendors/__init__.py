@@ -1,8 +1,8 @@
 """Vendor clients, one per configured account, and the dispatch of a command to its call.
 
 A command names a tenant; the tenant's configuration names the accounts and hosts. Each
-account gets its own ``httpx.AsyncClient`` (a pool per vendor host instead of one large
-shared pool), its own token cache and its own rate-limit slot.
+account gets its own HTTP client and connection pool (``transport.py``), its own token
+cache and its own rate-limit slot.
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ from worker.vendors.auth import OAuthToken, StaticBearer
 from worker.vendors.eset import EsetClient
 from worker.vendors.fylr import FylrClient
 from worker.vendors.http import CallBudget, VendorHttp, VendorReply
-from worker.vendors.pool import ClientPool
 from worker.vendors.spaaza import SpaazaClient
+from worker.vendors.transport import vendor_client
 
 Client = TypeVar("Client", EsetClient, FylrClient, SpaazaClient)
-USER_AGENT = "command-relay/0.1"
 
 
 class Vendors:
@@ -56,7 +55,7 @@ class Vendors:
         self._telemetry = telemetry or Telemetry.using()
         self._transport = transport  # tests may swap the network for a fake
         self._clients: dict[tuple[str, str], EsetClient | FylrClient | SpaazaClient] = {}
-        self._http_clients: list[ClientPool] = []
+        self._http_clients: list[httpx.AsyncClient] = []
 
     async def execute(self, command: Command, budget: CallBudget) -> VendorReply:
         """The vendor's final answer to the command; raises a RelayError otherwise."""
@@ -161,7 +160,7 @@ class Vendors:
 
     def _vendor_http(
         self,
-        client: ClientPool,
+        client: httpx.AsyncClient,
         auth: OAuthToken | StaticBearer,
         vendor: str,
         account_key: str,
@@ -177,18 +176,8 @@ class Vendors:
             follows_202=follows_202,
         )
 
-    def _http_client(self) -> ClientPool:
-        pool = ClientPool(self._make_client, self._settings.concurrency)
-        self._http_clients.append(pool)
-        return pool
-
-    def _make_client(self, connections: int) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            timeout=self._settings.http_timeout_s,
-            limits=httpx.Limits(
-                max_connections=connections, max_keepalive_connections=connections
-            ),
-            headers={"User-Agent": USER_AGENT, "3rd-integration": "command-relay"},
-            transport=self._transport,
-            follow_redirects=False,  # a redirect could lead to a host no setting named
-        )
+    def _http_client(self) -> httpx.AsyncClient:
+        settings = self._settings
+        client = vendor_client(settings.concurrency, settings.http_timeout_s, self._transport)
+        self._http_clients.append(client)
+        return client

@@ -17,7 +17,6 @@ from pydantic import SecretStr
 
 from schemas.events import ErrorCode
 from worker.errors import PermanentFailure, TransientFailure
-from worker.vendors.pool import ClientPool
 
 Form = dict[str, str | SecretStr]
 
@@ -40,7 +39,7 @@ class OAuthToken:
 
     def __init__(
         self,
-        client: ClientPool,
+        client: httpx.AsyncClient,
         token_url: str,
         grant: Form,
         vendor: str,

@@ -24,7 +24,6 @@ from schemas.events import ErrorCode, VendorName
 from worker.errors import PermanentFailure, TransientFailure, VendorThrottled
 from worker.retries import RetryPolicy
 from worker.telemetry import Telemetry
-from worker.vendors.pool import ClientPool
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 # While collecting, 504 means "ESET gave up waiting": not a pause to retry through.
@@ -91,7 +90,7 @@ class RateSlot(Protocol):
 class VendorHttp:
     """Sends requests for one vendor account."""
 
-    client: ClientPool
+    client: httpx.AsyncClient
     auth: Auth
     rate_slot: RateSlot
     policy: RetryPolicy
