@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.commands import MAX_OBJECTS_PER_BATCH
+
 EsetRegion = Literal["eu", "de", "us", "ca", "jpn"]
 
 
@@ -97,6 +99,13 @@ class Settings(BaseSettings):
     rate_limits: dict[str, str] = {"eset": "10/second"}
     rate_limit_url: str = "memory://"
     rate_limit_margin: float = Field(default=0.03, ge=0, le=1)  # calls paced this much slower
+    # ESET batch deletes of one tenant arriving within this window (and while their call
+    # waits for the rate slot) go out as one call of at most batch_delete_max_objects
+    # objects; 0 sends each command alone.
+    batch_delete_window_ms: float = Field(default=0, ge=0, le=10_000)
+    batch_delete_max_objects: int = Field(
+        default=MAX_OBJECTS_PER_BATCH, ge=1, le=MAX_OBJECTS_PER_BATCH
+    )
 
     # Operations
     shutdown_grace_s: float = Field(default=30, ge=0)  # SIGTERM: time to finish in-flight work

@@ -132,7 +132,11 @@ class Vendors:
             refresh_margin_s=self._settings.token_refresh_margin_s,
         )
         http = self._vendor_http(client, auth, "eset", account.username, follows_202=True)
-        return EsetClient(account, template, http)
+        return EsetClient(
+            account, template, http,
+            batch_delete_window_s=self._settings.batch_delete_window_ms / 1000,
+            batch_delete_max_objects=self._settings.batch_delete_max_objects,
+        )
 
     def _make_fylr(self, tenant: Tenant) -> FylrClient:
         account = tenant.fylr

@@ -3,14 +3,16 @@
 Each ESET service has its own host per region (``https://{region}.{service}.eset.systems``
 by default, a setting so the sandbox can stand in). Quarantine management is not
 offered in Japan, so a batch-delete for a ``jpn`` tenant is rejected before any call.
+Batch deletes may be merged into one call per account (``coalescing.py``).
 """
 
 from __future__ import annotations
 
-from schemas.commands import BatchDeleteParams, EsetUpdateTriggersParams
+from schemas.commands import MAX_OBJECTS_PER_BATCH, BatchDeleteParams, EsetUpdateTriggersParams
 from schemas.events import ErrorCode
 from worker.errors import CommandRejected
 from worker.settings import EsetAccount
+from worker.vendors.coalescing import BatchDeleteCoalescer
 from worker.vendors.http import CallBudget, VendorHttp, VendorReply, VendorRequest
 
 QUARANTINE_REGIONS = frozenset({"eu", "de", "us", "ca"})
@@ -28,10 +30,21 @@ def token_url(template: str, account: EsetAccount) -> str:
 class EsetClient:
     """The three ESET Connect calls, for one account."""
 
-    def __init__(self, account: EsetAccount, host_template: str, http: VendorHttp) -> None:
+    def __init__(
+        self,
+        account: EsetAccount,
+        host_template: str,
+        http: VendorHttp,
+        batch_delete_window_s: float = 0.0,
+        batch_delete_max_objects: int = MAX_OBJECTS_PER_BATCH,
+    ) -> None:
         self._account = account
         self._template = host_template
         self._http = http
+        self._deletes = BatchDeleteCoalescer(
+            http.call, self._batch_delete_request, batch_delete_window_s,
+            batch_delete_max_objects,
+        )
 
     def _url(self, service: str, path: str) -> str:
         return eset_host(self._template, self._account.region, service) + path
@@ -61,14 +74,18 @@ class EsetClient:
                 f"ESET offers no quarantine management in region {self._account.region!r}; "
                 f"it exists in {', '.join(sorted(QUARANTINE_REGIONS))}",
             )
-        request = VendorRequest(
+        return await self._deletes.delete([str(u) for u in params.object_uuids], budget)
+
+    def _batch_delete_request(self, object_uuids: list[str]) -> VendorRequest:
+        # The list goes into the body as it is: a merged call fills it in right before
+        # it is sent (see coalescing.py).
+        return VendorRequest(
             vendor="eset",
             method="POST",
             url=self._url("quarantine-management", "/v1/quarantined-objects:batchDelete"),
             route="/v1/quarantined-objects:batchDelete",
-            json={"objectUuids": [str(u) for u in params.object_uuids]},
+            json={"objectUuids": object_uuids},
         )
-        return await self._http.call(request, budget)
 
     async def fetch_patching(self, budget: CallBudget) -> VendorReply:
         path = "/v1/application-patching-processes/recent/details"

@@ -68,7 +68,9 @@ class CallBudget:
     collects: int = 0
     statuses: list[int] = field(default_factory=list)
     vendor_time_s: float = 0.0  # time spent waiting on vendor HTTP answers
-    # Called once, just before a mutation first goes out (the handler marks its claim).
+    # Called once, just before a mutation first goes out (the handler marks its claim):
+    # after the rate-limit slot, and before the request's body is read. A merged batch
+    # delete (coalescing.py) settles its members, and so fills in its body, in it.
     before_first_mutation: Callable[[], Awaitable[None]] | None = None
 
 

@@ -1,0 +1,247 @@
+"""Batch-delete coalescing: the quarantine deletes of one ESET account that arrive within a
+short window go out as one ``:batchDelete`` call.
+
+ESET counts 10 calls/s per account, whatever a call carries, and one batch delete takes up
+to :data:`~schemas.commands.MAX_OBJECTS_PER_BATCH` objects. Playbooks mostly delete one
+object per command, so under the limit each command would wait for a call of its own.
+Here the commands of one account join a *batch*: it stays open for ``window_s`` after its
+first command, then while its call waits for the account's rate slot, and closes when the
+call is about to go out; a command whose objects would overflow it (or, once its call is
+under way, whose deadline is earlier than the call's) closes it and opens the next one.
+The objects of the members are unioned, duplicates sent once.
+
+Each command keeps its own idempotency claim, budget and result event:
+
+- Right before the merged call goes out (after the rate slot), every member's
+  ``before_first_mutation`` (the handler's "mark sent") runs. A member whose mark raises
+  (its claim was lost) is left out of the body and gets that exception.
+- Every member gets the merged call's outcome: ESET answers ``200 {}`` for the whole batch,
+  so each gets that reply (its event names its own objects); a failure (retries or
+  deadline exhausted, 202 answer lost) is each member's failure. Each member's budget is
+  charged the call's attempts, collects, statuses and vendor time, which its event reports.
+- A merged call refused as invalid (400, never accepted with a 202) did nothing: its
+  members are sent again one by one, so only the command ESET refuses fails.
+
+The merged call's deadlines are the earliest of its members'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from worker.errors import PermanentFailure
+from worker.vendors.http import CallBudget, VendorReply, VendorRequest
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[VendorRequest, CallBudget], Awaitable[VendorReply]]
+# Builds the batch-delete request for a list of object uuids. The list must go into the
+# body as it is: a merged call's list is filled in when its members are settled.
+RequestFor = Callable[[list[str]], VendorRequest]
+
+
+class _Alone(Enum):
+    """A member's outcome when the merged call was refused as invalid: send it alone."""
+
+    SEND = "send alone"
+
+
+class _NothingToSend(Exception):
+    """Raised by a merged call's mark hook when no member is left to send."""
+
+
+@dataclass(eq=False)
+class _Member:
+    object_uuids: list[str]
+    budget: CallBudget
+    outcome: asyncio.Future[VendorReply | _Alone]
+
+    @property
+    def waiting(self) -> bool:
+        return not self.outcome.done()  # done early: cancelled, or refused at its mark
+
+
+@dataclass(eq=False)
+class _Batch:
+    members: list[_Member] = field(default_factory=list)
+    objects: dict[str, None] = field(default_factory=dict)  # the union, in arrival order
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    call: CallBudget | None = None  # the merged call's budget, once the call is under way
+    sent: list[_Member] | None = None  # the members that went out, once settled
+    body: list[str] = field(default_factory=list)  # the objectUuids sent, filled when settled
+
+    def takes(self, member: _Member, max_objects: int) -> bool:
+        """True when ``member`` fits: objects within the batch size, and, once the call is
+        under way, no deadline earlier than the call's (its retries are already bounded)."""
+        if len(self.objects.keys() | member.object_uuids) > max_objects:
+            return False
+        if self.call is None:
+            return True
+        return (
+            member.budget.deadline >= self.call.deadline
+            and _retry_deadline(member.budget) >= _retry_deadline(self.call)
+        )
+
+    def add(self, member: _Member) -> None:
+        self.members.append(member)
+        self.objects.update(dict.fromkeys(member.object_uuids))
+
+    def waiting(self) -> list[_Member]:
+        return [m for m in self.members if m.waiting]
+
+
+class BatchDeleteCoalescer:
+    """Merges the batch deletes of one ESET account; ``window_s`` 0 sends each alone."""
+
+    def __init__(
+        self, send: Send, request_for: RequestFor, window_s: float, max_objects: int
+    ) -> None:
+        self._send = send
+        self._request_for = request_for
+        self._window_s = window_s
+        self._max_objects = max_objects
+        self._open: _Batch | None = None  # the batch new commands join
+        self._calls: set[asyncio.Task[None]] = set()  # kept referenced while they run
+
+    async def delete(self, object_uuids: list[str], budget: CallBudget) -> VendorReply:
+        """ESET's answer for these objects, sent alone or as part of a merged call."""
+        if self._window_s <= 0 or len(set(object_uuids)) > self._max_objects:
+            return await self._send(self._request_for(object_uuids), budget)
+        member = _Member(object_uuids, budget, asyncio.get_running_loop().create_future())
+        self._join(member)
+        outcome = await member.outcome  # cancelling this command cancels its membership
+        if isinstance(outcome, VendorReply):
+            return outcome
+        # The merged call was refused as invalid, so nothing was done: this command's
+        # objects go alone (its claim is already marked sent), and only what ESET refuses
+        # on its own fails.
+        return await self._send(self._request_for(object_uuids), budget)
+
+    def _join(self, member: _Member) -> None:
+        batch = self._open
+        if batch is not None and not batch.takes(member, self._max_objects):
+            self._close(batch)
+            batch = None
+        if batch is None:
+            batch = self._open = _Batch()
+            task = asyncio.create_task(self._run(batch))
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+        batch.add(member)
+        if len(batch.objects) >= self._max_objects:
+            self._close(batch)  # full: no need to wait for the window
+
+    def _close(self, batch: _Batch) -> None:
+        """No command joins ``batch`` any more; its window ends now."""
+        batch.closed.set()
+        if self._open is batch:
+            self._open = None
+
+    async def _run(self, batch: _Batch) -> None:
+        """One batch's merged call, from the end of its window to every member's outcome."""
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._window_s):
+                    await batch.closed.wait()
+            waiting = batch.waiting()
+            if not waiting:
+                return
+            batch.call = CallBudget(
+                deadline=min(m.budget.deadline for m in waiting),
+                retry_deadline=min(_retry_deadline(m.budget) for m in waiting),
+                before_first_mutation=lambda: self._settle(batch),
+            )
+            reply = await self._send(self._request_for(batch.body), batch.call)
+        except _NothingToSend:
+            return
+        except BaseException as error:
+            self._finish(batch, error)
+            if not isinstance(error, Exception):
+                raise
+        else:
+            self._finish(batch, reply)
+        finally:
+            self._close(batch)
+
+    async def _settle(self, batch: _Batch) -> None:
+        """The merged call's ``before_first_mutation``: VendorHttp runs it after the rate
+        slot, right before the body goes out. The batch closes, every member's own mark
+        runs, and the body becomes the objects of the members whose mark succeeded."""
+        self._close(batch)
+        candidates = batch.waiting()
+        marks = await asyncio.gather(
+            *(_mark(m.budget) for m in candidates), return_exceptions=True
+        )
+        batch.sent = []
+        for member, mark in zip(candidates, marks, strict=True):
+            if not member.waiting:
+                continue  # cancelled while marking: nobody waits for its outcome
+            if isinstance(mark, BaseException):
+                _deliver(member, mark)  # e.g. its claim was lost: it must not be sent
+            else:
+                batch.sent.append(member)
+        if not batch.sent:
+            raise _NothingToSend
+        batch.body.extend(dict.fromkeys(u for m in batch.sent for u in m.object_uuids))
+        if len(batch.sent) > 1:
+            log.debug(
+                "batch delete of %d commands, %d objects, in one call",
+                len(batch.sent), len(batch.body),
+            )
+
+    def _finish(self, batch: _Batch, outcome: VendorReply | BaseException) -> None:
+        # Members not settled yet (the call failed before anything went out, e.g. at the
+        # token) share the failure: none of them was marked, so each may be retried.
+        members = batch.sent if batch.sent is not None else batch.waiting()
+        call = batch.call
+        result: VendorReply | BaseException | _Alone = outcome
+        if call is not None and len(members) > 1 and _refused_as_invalid(outcome, call):
+            result = _Alone.SEND
+        for member in members:
+            if call is not None:
+                _charge(member.budget, call)
+            _deliver(member, result)
+
+
+def _refused_as_invalid(outcome: VendorReply | BaseException, call: CallBudget) -> bool:
+    """A 400 to the request itself: ESET did nothing. (A 400 to a collect of a 202'd
+    request does not say that: the batch may have been done.)"""
+    return (
+        isinstance(outcome, PermanentFailure)
+        and outcome.vendor_status == 400
+        and 202 not in call.statuses
+    )
+
+
+async def _mark(budget: CallBudget) -> None:
+    mark, budget.before_first_mutation = budget.before_first_mutation, None
+    if mark is not None:
+        await mark()
+
+
+def _charge(budget: CallBudget, call: CallBudget) -> None:
+    """What the merged call cost, on a member's budget (its event reports it)."""
+    budget.attempts += call.attempts
+    budget.collects += call.collects
+    budget.statuses.extend(call.statuses)
+    budget.vendor_time_s += call.vendor_time_s
+
+
+def _deliver(member: _Member, outcome: VendorReply | BaseException | _Alone) -> None:
+    if not member.waiting:
+        return
+    if isinstance(outcome, asyncio.CancelledError):
+        member.outcome.cancel()
+    elif isinstance(outcome, BaseException):
+        member.outcome.set_exception(outcome)
+    else:
+        member.outcome.set_result(outcome)
+
+
+def _retry_deadline(budget: CallBudget) -> float:
+    return budget.deadline if budget.retry_deadline is None else budget.retry_deadline
