@@ -24,6 +24,7 @@ SCENARIOS: dict[str, Callable[[Options], dict[str, Any]]] = {
     "slow": scenarios.relay_slow,
     "ratelimit": scenarios.rate_limited,
     "latency": scenarios.latency,
+    "coalesce": scenarios.coalesce,
 }
 
 
@@ -43,6 +44,12 @@ def parse(argv: list[str] | None) -> tuple[Options, list[str], Path | None]:
     p.add_argument("--ratelimit-seconds", type=float, default=15.0,
                    help="length of the rate-limit run (10 commands per second of it)")
     p.add_argument("--latency-commands", type=int, default=200)
+    p.add_argument("--coalesce-commands", type=int, default=1000,
+                   help="single-object deletes of the coalesce run with coalescing on")
+    p.add_argument("--coalesce-off-commands", type=int, default=200,
+                   help="... and with it off (one call each at 10/s: 0.1 s per command)")
+    p.add_argument("--coalesce-window-ms", type=float, default=50.0,
+                   help="RELAY_BATCH_DELETE_WINDOW_MS of the coalesce run with coalescing on")
     p.add_argument("--celery-pool", default="prefork", choices=["prefork", "threads", "solo"],
                    help="Celery's default pool (default: prefork)")
     p.add_argument("--celery-concurrency", type=int, default=os.cpu_count() or 1,
@@ -68,6 +75,9 @@ def parse(argv: list[str] | None) -> tuple[Options, list[str], Path | None]:
         amqp_url=args.amqp_url, redis_url=args.redis_url, commands=args.commands,
         seconds=args.seconds, concurrency=args.concurrency, replicas=args.replicas,
         ratelimit_seconds=args.ratelimit_seconds, latency_commands=args.latency_commands,
+        coalesce_commands=args.coalesce_commands,
+        coalesce_off_commands=args.coalesce_off_commands,
+        coalesce_window_ms=args.coalesce_window_ms,
         celery_pool=args.celery_pool, celery_concurrency=args.celery_concurrency,
         raw_prefetch=args.raw_prefetch, tracing=not args.no_tracing, log_level=args.log_level,
         worker_env=dict(pair.split("=", 1) for pair in args.worker_env),

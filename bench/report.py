@@ -78,6 +78,8 @@ def rows(all_results: Results) -> list[Row]:
                        "ms", ("<=", 5.0), note))
         out.append(Row("low load, 1 at a time", "added latency p99", low.get("added_ms_p99"),
                        "ms"))
+    if "coalesce" in results:
+        out.extend(_coalesce_rows(results["coalesce"]))
     rss = [mb for result in results.values() for mb in result.get("peak_rss_mb", []) or []
            if mb is not None]
     if rss:
@@ -87,6 +89,41 @@ def rows(all_results: Results) -> list[Row]:
         if "error" in result:
             out.append(Row(name, "FAILED", None, note=str(result["error"]).splitlines()[0]))
     return out
+
+
+def _coalesce_rows(result: dict[str, Any]) -> list[Row]:
+    """Each figure with coalescing off, then on, on adjacent rows."""
+    scenario = "1-object deletes, 10/s limit"
+    out: list[Row] = []
+    for figure, key, unit in [
+        ("commands/s", "per_s", "commands/s"),
+        ("vendor calls", "vendor_calls", "calls"),
+        ("429 answers", "answers_429", ""),
+        ("objects deleted", "objects_deleted", ""),
+    ]:
+        for name in ("off", "on"):
+            run = result.get(name, {})
+            out.append(Row(scenario, f"{figure}, coalescing {name}", run.get(key), unit,
+                           note=_coalesce_note(figure, run)))
+    out.append(Row(scenario, "commands/s, on / off", _ratio(result.get("on", {}),
+                                                          result.get("off", {})), "x"))
+    return out
+
+
+def _coalesce_note(figure: str, run: dict[str, Any]) -> str:
+    if figure == "commands/s":
+        window = f", window {run.get('window_ms'):g} ms" if run.get("window_ms") else ""
+        return "; ".join(filter(None, [
+            f"{run.get('commands')} commands{window}, {run.get('concurrency')} in flight",
+            f"last event {_fmt(run.get('seconds_to_last_event'))} s after start",
+            _partial(run),
+        ]))
+    if figure == "vendor calls":
+        return f"{_fmt(run.get('objects_per_call'))} objects per call"
+    if figure == "objects deleted":
+        twice = run.get("objects_deleted_more_than_once")
+        return f"of {run.get('commands')}" + (f"; {twice} more than once" if twice else "")
+    return ""
 
 
 def table(all_rows: list[Row]) -> str:

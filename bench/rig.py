@@ -41,6 +41,9 @@ class Options:
     replicas: int  # replicas of the rate-limit run
     ratelimit_seconds: float
     latency_commands: int
+    coalesce_commands: int  # single-object deletes of the coalescing-on run
+    coalesce_off_commands: int  # of the coalescing-off run (10/s: a tenth of a second each)
+    coalesce_window_ms: float  # RELAY_BATCH_DELETE_WINDOW_MS of the "on" run
     celery_pool: str
     celery_concurrency: int
     raw_prefetch: int

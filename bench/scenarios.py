@@ -22,6 +22,7 @@ from kombu import Producer
 
 from bench import vendor
 from bench.celery_anchor import TASK, celery_delay_objects, celery_queue, make_app
+from bench.coalesce import coalesce as coalesce  # a scenario of its own file, listed here
 from bench.procs import Proc
 from bench.rig import (
     EventCollector,
