@@ -178,7 +178,7 @@ def test_commands_arriving_while_the_call_waits_for_its_rate_slot_join_it(
     still goes out with it."""
     settings = coalescing(sandbox, batch_delete_window_ms=20, rate_limits={"eset": "1/second"})
     first, waiting, joining = run_together(
-        settings, single_object_deletes(3), stagger_s={1: 0.3, 2: 0.7}
+        settings, single_object_deletes(3), stagger_s={1: 0.4, 2: 0.7}
     )
     assert calls(sandbox) == 2
     assert ok(first).request_id != ok(waiting).request_id == ok(joining).request_id
