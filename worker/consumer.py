@@ -2,9 +2,10 @@
 
 kombu connections and channels belong to one thread. This thread decodes and validates
 each message, hands the command to the handler loop, and later carries out the handler's
-:class:`~worker.handler.Settlement`: publish the event (confirmed), keep the original in
-the dead-letter queue when asked, then ack. It is the one place that settles messages,
-and it never waits on vendor work, so heartbeats keep flowing.
+:class:`~worker.handler.Settlement`: publish the event, keep the original in the
+dead-letter queue when asked, and ack once the broker has confirmed those publishes. It
+is the one place that settles messages, and it never waits on vendor work (nor on
+confirms), so heartbeats keep flowing.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from opentelemetry.trace import Span, StatusCode
 
 from schemas.commands import Command
 from schemas.events import ErrorCode, ErrorInfo
-from worker.broker import connect
+from worker.broker import connect, is_amqp
+from worker.confirms import Confirms
 from worker.decoding import decode_command, identity
 from worker.errors import CommandRejected
 from worker.handler import Action, DeliveryInfo, Settlement
@@ -90,8 +92,13 @@ class CommandConsumer:
         self.connected = threading.Event()
 
     def connection(self) -> Connection:
+        settings = self._settings
+        # Confirms are tracked per delivery (worker/confirms.py), not waited for per publish.
         return connect(
-            self._settings.broker_url, self._settings.poll_interval_s, self._settings.heartbeat_s
+            settings.broker_url,
+            settings.poll_interval_s,
+            settings.heartbeat_s,
+            wait_for_confirms=False,
         )
 
     def run(self, stop: threading.Event) -> None:
@@ -113,8 +120,9 @@ class CommandConsumer:
         self._generation += 1
         channel = connection.channel()
         self.topology.declare(channel)
+        confirms = Confirms(channel, enabled=is_amqp(self._settings.broker_url))
         publisher = self._publisher = Publisher(
-            Producer(channel), self.topology, self._telemetry.tracer
+            Producer(channel), self.topology, self._telemetry.tracer, confirms
         )
         consumer = KombuConsumer(
             channel,
@@ -158,7 +166,9 @@ class CommandConsumer:
 
     def _finish_in_flight(self, connection: Connection, publisher: Publisher) -> None:
         give_up_at = time.monotonic() + self._settings.shutdown_grace_s
-        while self._in_flight and time.monotonic() < give_up_at:
+        while self._in_flight or publisher.confirms.unconfirmed:
+            if time.monotonic() >= give_up_at:
+                break
             self._settle_finished(publisher)
             try:
                 connection.drain_events(timeout=self._settings.poll_interval_s)
@@ -255,17 +265,19 @@ class CommandConsumer:
             if settlement.action is Action.REQUEUE:
                 message.requeue()
                 return
-            if settlement.action is Action.DELAY:
-                queue = self.topology.delay_queues[settlement.delay_s].name
-                publisher.delay(message, queue, settlement.retries, settlement.attempts)
-                message.ack()
-                return
-            if event is not None:
-                publisher.publish_event(event, message, delivery.span)
-            if settlement.action is Action.DEAD_LETTER:
-                publisher.dead_letter(message, event, reason=event.data.outcome if event else "")
-                self._metrics.dead_letters.add(1, delivery.attributes)
-            message.ack()
+            # Acked once the broker has confirmed these publishes; a refused one puts the
+            # command back, and its redelivery replays the stored result.
+            with publisher.confirms.group(message.ack, message.requeue):
+                if settlement.action is Action.DELAY:
+                    queue = self.topology.delay_queues[settlement.delay_s].name
+                    publisher.delay(message, queue, settlement.retries, settlement.attempts)
+                    return
+                if event is not None:
+                    publisher.publish_event(event, message, delivery.span)
+                if settlement.action is Action.DEAD_LETTER:
+                    reason = event.data.outcome if event else ""
+                    publisher.dead_letter(message, event, reason=reason)
+                    self._metrics.dead_letters.add(1, delivery.attributes)
         finally:
             self._record(delivery, settlement)
 

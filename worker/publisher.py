@@ -1,7 +1,8 @@
 """Publishing result events and dead letters, on the connection's thread.
 
-With RabbitMQ the connection has publisher confirms on, so ``publish`` returns only once
-the broker has the message; the delivery is acked after that, never before.
+With RabbitMQ the channel is in confirm mode: publishing does not wait, and the consumer
+acks a delivery only once the broker has confirmed what was published for it
+(:class:`~worker.confirms.Confirms`), never before.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, Tracer
 
 from schemas.events import EVENT_CONTENT_TYPE, ResultEvent
+from worker.confirms import Confirms
 from worker.telemetry import messaging_attributes, trace_headers
 from worker.topology import Topology
 
@@ -23,10 +25,13 @@ DEFAULT_EXCHANGE = "amq.default"  # the conventions' name for RabbitMQ's nameles
 
 
 class Publisher:
-    def __init__(self, producer: Producer, topology: Topology, tracer: Tracer) -> None:
+    def __init__(
+        self, producer: Producer, topology: Topology, tracer: Tracer, confirms: Confirms
+    ) -> None:
         self._producer = producer
         self._topology = topology
         self._tracer = tracer
+        self.confirms = confirms
 
     def publish_event(self, event: ResultEvent, command: Message, parent: Span) -> None:
         """To the events exchange, and to the command's ``reply_to`` when it has one; each
@@ -74,6 +79,7 @@ class Publisher:
             reply_to=properties.get("reply_to"),
             retry=False,
         )
+        self.confirms.published()
 
     def _publish(
         self,
@@ -106,3 +112,4 @@ class Publisher:
                 headers=trace_headers(span),
                 retry=False,
             )
+            self.confirms.published()
