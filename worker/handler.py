@@ -1,8 +1,8 @@
 """One command, from claim to stored result.
 
 The handler runs on the asyncio loop; it never touches the broker. It returns a
-:class:`Settlement` that the connection thread carries out (publish, then ack,
-dead-letter or requeue), so one place settles messages.
+:class:`Settlement` that the consumer carries out (publish, then ack, dead-letter or
+requeue), so one place settles messages.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The asyncio loop where handlers and vendor clients run, on a thread of its own.
+"""The asyncio loop where the consumer, the handlers and the vendor clients run, on a
+thread of its own (the process's main thread waits for signals).
 
 The loop is uvloop's where it is installed (not on Windows): the handler loop is the
 worker's busiest thread, and uvloop takes about a fifth off its CPU per command.

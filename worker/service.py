@@ -7,7 +7,6 @@ import os
 import socket
 import threading
 import uuid
-from concurrent.futures import Future
 
 from opentelemetry import context, trace
 from opentelemetry.trace import Span
@@ -77,14 +76,11 @@ class RelayService:
                 shutdown_grace_s=settings.shutdown_grace_s,
             ),
             topology,
-            self._submit,
+            self._handle_in,
             self.telemetry,
         )
 
-    def _submit(self, command: Command, delivery: DeliveryInfo, span: Span) -> Future[Settlement]:
-        return self.loop.submit(self._handle_in(span, command, delivery))
-
-    async def _handle_in(self, span: Span, command: Command, delivery: DeliveryInfo) -> Settlement:
+    async def _handle_in(self, command: Command, delivery: DeliveryInfo, span: Span) -> Settlement:
         # The handler's spans (vendor calls) become children of the delivery's span.
         token = context.attach(trace.set_span_in_context(span))
         try:
@@ -113,7 +109,7 @@ class RelayService:
             health.start()
             log.info("health endpoints on port %d", health.port)
         try:
-            self.consumer.run(stop)
+            self.loop.run(self.consumer.run(stop))
         finally:
             if health is not None:
                 health.stop()
