@@ -33,7 +33,7 @@ from worker.vendors.eset import EsetClient
 from worker.vendors.fylr import FylrClient
 from worker.vendors.http import CallBudget, VendorHttp, VendorReply
 from worker.vendors.spaaza import SpaazaClient
-from worker.vendors.transport import vendor_client
+from worker.vendors.transport import VendorClient
 
 Client = TypeVar("Client", EsetClient, FylrClient, SpaazaClient)
 
@@ -55,7 +55,7 @@ class Vendors:
         self._telemetry = telemetry or Telemetry.using()
         self._transport = transport  # tests may swap the network for a fake
         self._clients: dict[tuple[str, str], EsetClient | FylrClient | SpaazaClient] = {}
-        self._http_clients: list[httpx.AsyncClient] = []
+        self._http_clients: list[VendorClient] = []
 
     async def execute(self, command: Command, budget: CallBudget) -> VendorReply:
         """The vendor's final answer to the command; raises a RelayError otherwise."""
@@ -164,7 +164,7 @@ class Vendors:
 
     def _vendor_http(
         self,
-        client: httpx.AsyncClient,
+        client: VendorClient,
         auth: OAuthToken | StaticBearer,
         vendor: str,
         account_key: str,
@@ -180,8 +180,8 @@ class Vendors:
             follows_202=follows_202,
         )
 
-    def _http_client(self) -> httpx.AsyncClient:
+    def _http_client(self) -> VendorClient:
         settings = self._settings
-        client = vendor_client(settings.concurrency, settings.http_timeout_s, self._transport)
+        client = VendorClient(settings.concurrency, settings.http_timeout_s, self._transport)
         self._http_clients.append(client)
         return client

@@ -17,6 +17,7 @@ from pydantic import SecretStr
 
 from schemas.events import ErrorCode
 from worker.errors import PermanentFailure, TransientFailure
+from worker.vendors.transport import VendorClient
 
 Form = dict[str, str | SecretStr]
 
@@ -39,7 +40,7 @@ class OAuthToken:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: VendorClient,
         token_url: str,
         grant: Form,
         vendor: str,

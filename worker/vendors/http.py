@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import httpx
 from opentelemetry import trace
@@ -24,6 +25,7 @@ from schemas.events import ErrorCode, VendorName
 from worker.errors import PermanentFailure, TransientFailure, VendorThrottled
 from worker.retries import RetryPolicy
 from worker.telemetry import Telemetry
+from worker.vendors.transport import VendorClient
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 # While collecting, 504 means "ESET gave up waiting": not a pause to retry through.
@@ -92,7 +94,7 @@ class RateSlot(Protocol):
 class VendorHttp:
     """Sends requests for one vendor account."""
 
-    client: httpx.AsyncClient
+    client: VendorClient
     auth: Auth
     rate_slot: RateSlot
     policy: RetryPolicy
@@ -229,12 +231,12 @@ class VendorHttp:
 def _span_attributes(
     request: VendorRequest, response_id: str | None, budget: CallBudget
 ) -> dict[str, str | int | bool]:
-    url = httpx.URL(request.url)
+    url = urlsplit(request.url)
     attributes: dict[str, str | int | bool] = {
         "http.request.method": request.method,
         "url.full": request.url,
         "url.template": request.route,
-        "server.address": url.host,
+        "server.address": url.hostname or "",
         "relay.vendor": request.vendor,
         "relay.collect": response_id is not None,
     }
