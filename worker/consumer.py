@@ -64,7 +64,8 @@ class Delivery:
 @dataclass(frozen=True)
 class ConsumerSettings:
     broker_url: str
-    prefetch: int
+    concurrency: int  # handlers running at once
+    prefetch: int  # deliveries held at once: running, waiting for a slot or for confirms
     poll_interval_s: float  # how often the embedded broker (no socket) is polled
     delivery_limit: int = 10
     shutdown_grace_s: float = 30.0
@@ -86,6 +87,7 @@ class CommandConsumer:
         self._metrics = telemetry.instruments
         self._finished: deque[tuple[Delivery, asyncio.Task[Settlement]]] = deque()
         self._tasks: set[asyncio.Task[Settlement]] = set()  # strong references while running
+        self._slots = asyncio.Semaphore(settings.concurrency)
         self._in_flight = 0
         self._generation = 0  # bumped on every (re)connection
         self._wake = asyncio.Event()  # set by the socket's reader and by finished handlers
@@ -231,9 +233,15 @@ class CommandConsumer:
             }
         )
         self._in_flight += 1
-        task = asyncio.ensure_future(self._handle(command, self._delivery_info(message), span))
+        task = asyncio.ensure_future(self._run(command, self._delivery_info(message), span))
         self._tasks.add(task)
         task.add_done_callback(lambda done: self._finish(delivery, done))
+
+    async def _run(self, command: Command, info: DeliveryInfo, span: Span) -> Settlement:
+        async with self._slots:
+            if self._stopping:  # not started: the broker gives it to another replica
+                return Settlement(None, Action.REQUEUE)
+            return await self._handle(command, info, span)
 
     def _finish(self, delivery: Delivery, task: asyncio.Task[Settlement]) -> None:
         """Queue the settlement for the consume loop, where broker errors are handled."""

@@ -71,7 +71,8 @@ class RelayService:
             ConsumerSettings(
                 delivery_limit=settings.delivery_limit,
                 broker_url=settings.broker_url,
-                prefetch=settings.concurrency,
+                concurrency=settings.concurrency,
+                prefetch=settings.prefetch or 2 * settings.concurrency,
                 poll_interval_s=settings.broker_poll_interval_s,
                 shutdown_grace_s=settings.shutdown_grace_s,
             ),

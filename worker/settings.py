@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     event_exchange: str = "relay.events"
     dead_letter_queue: str = "relay.commands.dead"
     concurrency: int = Field(default=32, ge=1, le=1000)
+    # Messages RabbitMQ may hand a replica ahead of its handlers (default: twice the
+    # concurrency). A settled delivery holds its slot until its event's confirm arrives, so
+    # a prefetch equal to the concurrency would leave handlers idle meanwhile.
+    prefetch: int | None = Field(default=None, ge=1, le=65535)
     # Deliveries (crashes, kills) before a command is failed as poison; generous, so that
     # replicas killed mid-command do not use it up.
     delivery_limit: int = Field(default=10, ge=2)
