@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from schemas.events import ResultEvent
 from worker.idempotency import Claimed, ClaimResult, _decide
+from worker.redis_batch import ScriptBatcher
 
 KEY_PREFIX = "relay:idempotency:"
 
@@ -67,12 +68,14 @@ class RedisStore:
         self._complete = self._redis.register_script(COMPLETE_SCRIPT)
         self._release = self._redis.register_script(RELEASE_SCRIPT)
         self._set_if_holder = self._redis.register_script(SET_IF_HOLDER_SCRIPT)
+        self._batch = ScriptBatcher(self._redis)
 
     async def claim(self, key: str, fingerprint: str, owner: str) -> ClaimResult:
         now = time.time()
-        record = await self._claim(
-            keys=[KEY_PREFIX + key],
-            args=[fingerprint, owner, repr(now), repr(self._lease_s), self._retention_ms],
+        record = await self._batch.call(
+            self._claim,
+            [KEY_PREFIX + key],
+            [fingerprint, owner, repr(now), repr(self._lease_s), self._retention_ms],
         )
         fields = [v.decode() if isinstance(v, bytes) else v for v in record]
         if not fields:
@@ -83,19 +86,21 @@ class RedisStore:
         return _decide((stored_fp, holder, float(lease_until), event, False), fingerprint, now)
 
     async def complete(self, key: str, owner: str, event: ResultEvent) -> None:
-        await self._complete(
-            keys=[KEY_PREFIX + key], args=[event.model_dump_json(), self._retention_ms]
+        await self._batch.call(
+            self._complete, [KEY_PREFIX + key], [event.model_dump_json(), self._retention_ms]
         )
 
     async def release(self, key: str, owner: str) -> None:
-        await self._release(keys=[KEY_PREFIX + key], args=[owner])
+        await self._batch.call(self._release, [KEY_PREFIX + key], [owner])
 
     async def renew(self, key: str, owner: str) -> None:
         lease_until = repr(time.time() + self._lease_s)
-        await self._set_if_holder(keys=[KEY_PREFIX + key], args=[owner, "lease_until", lease_until])
+        await self._batch.call(
+            self._set_if_holder, [KEY_PREFIX + key], [owner, "lease_until", lease_until]
+        )
 
     async def mark_sent(self, key: str, owner: str) -> bool:
-        done = await self._set_if_holder(keys=[KEY_PREFIX + key], args=[owner, "sent", "1"])
+        done = await self._batch.call(self._set_if_holder, [KEY_PREFIX + key], [owner, "sent", "1"])
         return bool(done)
 
     async def ping(self) -> None:
