@@ -26,6 +26,9 @@ SCENARIOS: dict[str, Callable[[Options], dict[str, Any]]] = {
     "latency": scenarios.latency,
     "coalesce": scenarios.coalesce,
 }
+# Compared with each other: run in alternating rounds, so that a noisy stretch of the
+# machine's time does not fall on one of them only; each reports its median round.
+ROUNDED = ("throughput", "raw", "celery")
 
 
 def parse(argv: list[str] | None) -> tuple[Options, list[str], Path | None]:
@@ -64,6 +67,8 @@ def parse(argv: list[str] | None) -> tuple[Options, list[str], Path | None]:
                    help="keep process logs here (default: a temporary directory)")
     p.add_argument("--profile", type=Path, default=None,
                    help="py-spy the fast-vendor replica into this file (.svg, or .txt raw)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternating rounds of throughput, raw and celery (median reported)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -81,26 +86,47 @@ def parse(argv: list[str] | None) -> tuple[Options, list[str], Path | None]:
         celery_pool=args.celery_pool, celery_concurrency=args.celery_concurrency,
         raw_prefetch=args.raw_prefetch, tracing=not args.no_tracing, log_level=args.log_level,
         worker_env=dict(pair.split("=", 1) for pair in args.worker_env),
-        log_dir=log_dir, profile=args.profile,
+        log_dir=log_dir, profile=args.profile, rounds=max(1, args.rounds),
     )
     return options, only, args.json
+
+
+def run_scenario(name: str, options: Options) -> dict[str, Any]:
+    started, load_before = time.monotonic(), os.getloadavg()[0]
+    try:
+        result = SCENARIOS[name](options)
+    except Exception as error:  # one failed run must not lose the others' figures
+        traceback.print_exc()
+        result = {"error": f"{type(error).__name__}: {error}"}
+    result["wall_s"] = round(time.monotonic() - started, 1)
+    # Everything shares the machine's cores: a busy machine lowers every figure.
+    result["loadavg_1m_before"] = round(load_before, 2)
+    return result
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median rate, with every round's rate and replicas' RSS beside it."""
+    if len(runs) == 1:
+        return runs[0]
+    good = [run for run in runs if "error" not in run and run.get("per_s") is not None]
+    if not good:
+        return runs[-1]
+    median = sorted(good, key=lambda run: run["per_s"])[(len(good) - 1) // 2]
+    rss = [mb for run in good for mb in run.get("peak_rss_mb", []) or []]
+    return {**median, "rounds_per_s": [run.get("per_s") for run in runs],
+            "peak_rss_mb": rss or median.get("peak_rss_mb", [])}
 
 
 def main(argv: list[str] | None = None) -> int:
     options, only, json_path = parse(argv)
     print(f"process logs: {options.log_dir}", file=sys.stderr)
-    results: dict[str, dict[str, Any]] = {}
-    for name in only:
+    plan = [name for _ in range(options.rounds) for name in only if name in ROUNDED]
+    plan += [name for name in only if name not in ROUNDED]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in only}
+    for name in plan:
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        started, load_before = time.monotonic(), os.getloadavg()[0]
-        try:
-            results[name] = SCENARIOS[name](options)
-        except Exception as error:  # one failed run must not lose the others' figures
-            traceback.print_exc()
-            results[name] = {"error": f"{type(error).__name__}: {error}"}
-        results[name]["wall_s"] = round(time.monotonic() - started, 1)
-        # Everything shares the machine's cores: a busy machine lowers every figure.
-        results[name]["loadavg_1m_before"] = round(load_before, 2)
+        runs[name].append(run_scenario(name, options))
+    results = {name: median_run(runs[name]) for name in only}
     rows = report.rows(results)
     print(report.table(rows))
     loads = ", ".join(f"{n} {r['loadavg_1m_before']:g}" for n, r in results.items())

@@ -147,9 +147,14 @@ def _ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
 
 
 def _partial(result: dict[str, Any]) -> str:
-    if result.get("complete", True):
-        return ""
-    return f"partial: {result.get('events')} of {result.get('commands')} in time"
+    rounds = result.get("rounds_per_s")
+    note = ""
+    if rounds:
+        note = f"median of {len(rounds)} rounds: " + ", ".join(_fmt(r) for r in rounds)
+    if not result.get("complete", True):
+        partial = f"partial: {result.get('events')} of {result.get('commands')} in time"
+        note = f"{note}; {partial}" if note else partial
+    return note
 
 
 def _fmt(value: float | None) -> str:

@@ -52,6 +52,7 @@ class Options:
     worker_env: dict[str, str]
     log_dir: Path
     profile: Path | None
+    rounds: int = 3  # alternating runs of command-relay and the anchors; medians reported
 
 
 class Rig:

@@ -120,11 +120,12 @@ def celery_fast(options: Options) -> Result:
         app = make_app(options.amqp_url, queue.name)
         with connect(options.amqp_url) as connection:
             queue.bind(connection.channel()).declare()
-        with app.producer_or_acquire() as producer:
+        # A connection of its own: Celery's producer pool is process-wide, and a closed one
+        # would fail the next round.
+        with app.connection_for_write() as connection, connection.Producer() as producer:
             for _ in range(options.commands):
                 app.send_task(TASK, args=[str(uuid.uuid4())], queue=queue.name,
                               producer=producer)
-        app.pool.force_close_all()
         rig.wait_queue_depth(queue.name, options.commands)
         env = {**os.environ, "BENCH_AMQP_URL": options.amqp_url,
                "BENCH_REDIS_URL": options.redis_url, "BENCH_SANDBOX_URL": sandbox_url,
