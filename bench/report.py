@@ -63,6 +63,8 @@ def rows(all_results: Results) -> list[Row]:
         slow = results["slow"]
         out.append(Row("100 ms vendor, 100 in flight", "command-relay", slow.get("per_s"),
                        "commands/s", (">=", 700), _partial(slow)))
+        out.append(Row("100 ms vendor, 100 in flight", "  its CPU per command",
+                       slow.get("cpu_ms_per_command", {}).get("relay-0"), "ms"))
     if "ratelimit" in results:
         limited = results["ratelimit"]
         scenario = f"10/s ESET limit, {limited.get('replicas')} replicas"
