@@ -30,15 +30,17 @@ class ScriptBatcher:
         """``script(keys=keys, args=args)``, sent with the other calls of this loop turn."""
         future = asyncio.get_running_loop().create_future()
         if not self._queued:
-            asyncio.get_running_loop().call_soon(self._send_queued)
+            # The sending task starts on the loop's next turn and takes every call queued
+            # by then.
+            task = asyncio.ensure_future(self._send_queued())
+            self._sending.add(task)  # a strong reference until it is done
+            task.add_done_callback(self._sending.discard)
         self._queued.append((script, keys, args, future))
         return await future
 
-    def _send_queued(self) -> None:
+    async def _send_queued(self) -> None:
         batch, self._queued = self._queued, []
-        task = asyncio.ensure_future(self._send(batch))
-        self._sending.add(task)  # a strong reference until it is done
-        task.add_done_callback(self._sending.discard)
+        await self._send(batch)
 
     async def _send(self, batch: list[Call]) -> None:
         try:
