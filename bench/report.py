@@ -149,7 +149,7 @@ def _ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
     """a's rate over b's: the median of the rounds' ratios when both ran in rounds (each
     round ran them back to back, so a noisy stretch of the machine touches both)."""
     pairs = list(zip(a.get("rounds_per_s") or [], b.get("rounds_per_s") or [], strict=False))
-    ratios = sorted(x / y for x, y in pairs if x and y)
+    ratios: list[float] = sorted(x / y for x, y in pairs if x and y)
     if ratios:
         return ratios[(len(ratios) - 1) // 2]
     x, y = a.get("per_s"), b.get("per_s")
