@@ -6,6 +6,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from kombu import Consumer
@@ -102,6 +103,16 @@ def running_relay(
             yield RunningRelay(settings, client, service, lambda: _stop(stop, thread))
     finally:
         _stop(stop, thread)
+
+
+def embedded(data_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """Settings for the embedded defaults (SQLite broker and idempotency store) in
+    ``data_dir``, plus ``overrides``."""
+    return {
+        "broker_url": f"sqla+sqlite:///{data_dir / 'broker.sqlite3'}",
+        "idempotency_url": f"sqlite:///{data_dir / 'idempotency.sqlite3'}",
+        **overrides,
+    }
 
 
 def _stop(stop: threading.Event, thread: threading.Thread) -> None:

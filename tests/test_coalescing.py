@@ -28,7 +28,7 @@ from worker.vendors import Vendors
 from worker.vendors.coalescing import BatchDeleteCoalescer
 from worker.vendors.http import CallBudget, VendorReply, VendorRequest
 
-from .harness import RunningRelay, running_relay
+from .harness import RunningRelay, embedded, running_relay
 from .test_vendor_calls import MAX_ATTEMPTS, batch_delete, settings_for
 
 ROUTE = "eset.batch_delete"
@@ -341,9 +341,7 @@ def test_the_merged_call_has_the_earliest_deadlines_and_late_joiners_need_later_
 def coalescing_relay(sandbox: SandboxServer, data_dir: Path) -> Iterator[RunningRelay]:
     with running_relay(
         sandbox,
-        broker_url=f"sqla+sqlite:///{data_dir / 'broker.sqlite3'}",
-        idempotency_url=f"sqlite:///{data_dir / 'idempotency.sqlite3'}",
-        batch_delete_window_ms=500,
+        **embedded(data_dir, batch_delete_window_ms=500),
     ) as running:
         yield running
 

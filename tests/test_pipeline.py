@@ -14,15 +14,14 @@ import pytest
 from worker.demo import demo_commands
 from worker.sandbox import Faults, SandboxServer, ScriptedFault
 
-from .harness import RunningRelay, running_relay
+from .harness import RunningRelay, embedded, running_relay
 
 
 @pytest.fixture
 def relay(sandbox: SandboxServer, data_dir: Path) -> Iterator[RunningRelay]:
     with running_relay(
         sandbox,
-        broker_url=f"sqla+sqlite:///{data_dir / 'broker.sqlite3'}",
-        idempotency_url=f"sqlite:///{data_dir / 'idempotency.sqlite3'}",
+        **embedded(data_dir),
     ) as running:
         yield running
 
@@ -172,9 +171,7 @@ def test_quarantine_in_japan_is_rejected_without_a_call(
     japan = tenant.model_copy(update={"eset": tenant.eset.model_copy(update={"region": "jpn"})})
     with running_relay(
         sandbox,
-        broker_url=f"sqla+sqlite:///{data_dir / 'broker.sqlite3'}",
-        idempotency_url=f"sqlite:///{data_dir / 'idempotency.sqlite3'}",
-        tenants={"default": tenant, "tokyo": japan},
+        **embedded(data_dir, tenants={"default": tenant, "tokyo": japan}),
     ) as relay:
         relay.send({**batch_delete(), "tenant": "tokyo"})
         (event,) = relay.events(1)

@@ -27,7 +27,7 @@ from worker.logs import handler_for
 from worker.sandbox import Faults, SandboxServer, ScriptedFault
 from worker.telemetry import Telemetry
 
-from .harness import RunningRelay, running_relay
+from .harness import RunningRelay, embedded, running_relay
 
 SECRETS = ("sandbox-password", "sandbox-secret")
 
@@ -60,9 +60,7 @@ def traced(sandbox: SandboxServer, data_dir: Path) -> Iterator[Traced]:
     with running_relay(
         sandbox,
         telemetry=telemetry,
-        broker_url=f"sqla+sqlite:///{data_dir / 'broker.sqlite3'}",
-        idempotency_url=f"sqlite:///{data_dir / 'idempotency.sqlite3'}",
-        health_port=0,
+        **embedded(data_dir, health_port=0),
     ) as relay:
         yield Traced(relay, spans, metrics, provider)
 
