@@ -1,13 +1,14 @@
 """The HTTP client of one vendor account: httpx requests and responses, sent straight to
 a transport over aiohttp's connection pool.
 
-Measured on this project's 2-core machine against the sandbox (CPU per request):
-httpx's own async transport (httpcore on anyio) about 1.0 ms, most of it in cancel
-scopes, locks and a pool walk per request (encode/httpx#3215); the same requests over
-aiohttp's pool through httpx-aiohttp's transport about 0.4 ms; and about 0.25 ms when
-they skip ``httpx.AsyncClient``'s layers too (cookie jar, auth and redirect flows, URL
-merging), none of which a vendor call uses: auth is ours, redirects are refused and no
-vendor sets cookies. That CPU is what bounds commands per second.
+CPU per request against the sandbox, 32 in flight, on this project's 2-core machine
+(``python -m bench.http_clients``): ``httpx.AsyncClient`` on its own transport (httpcore
+on anyio) about 2.2 ms, most of it in cancel scopes, locks and a walk of the whole pool
+per request (encode/httpx#3215); over httpx-aiohttp's transport about 0.5 ms; and about
+0.35 ms sent straight to that transport, skipping ``httpx.AsyncClient``'s layers (cookie
+jar, auth and redirect flows, URL merging), none of which a vendor call uses: auth is
+ours, redirects are refused and no vendor sets cookies. That CPU is what bounds commands
+per second.
 """
 
 from __future__ import annotations
