@@ -159,11 +159,14 @@ class CommandConsumer:
             yield
             return
         loop = asyncio.get_running_loop()
-        loop.add_reader(sock.fileno(), self._on_readable)
+        # By number: a lost connection closes its socket (fileno() becomes -1) before this
+        # block is left, and the number stays free until the next connection is made.
+        fd = sock.fileno()
+        loop.add_reader(fd, self._on_readable)
         try:
             yield
         finally:
-            loop.remove_reader(sock.fileno())
+            loop.remove_reader(fd)
 
     def _on_readable(self) -> None:
         self._readable = True
