@@ -88,15 +88,19 @@ class CommandConsumer:
         self._finished: deque[tuple[Delivery, asyncio.Task[Settlement]]] = deque()
         self._tasks: set[asyncio.Task[Settlement]] = set()  # strong references while running
         self._slots = asyncio.Semaphore(settings.concurrency)
-        self._in_flight = 0
         self._generation = 0  # bumped on every (re)connection
         self._wake = asyncio.Event()  # set by the socket's reader and by finished handlers
+        self._socket: socket.socket | None = None  # None: the embedded broker, polled
         self._readable = False
-        self._polling = False  # the embedded broker: no socket to watch
         self._stopping = False
         self._publisher: Publisher | None = None
         self._connection_errors = self.connection().connection_errors
         self.connected = threading.Event()
+
+    @property
+    def _in_flight(self) -> int:
+        """Deliveries handed to a handler and not settled yet."""
+        return len(self._tasks) + len(self._finished)
 
     def connection(self) -> Connection:
         settings = self._settings
@@ -153,8 +157,7 @@ class CommandConsumer:
     @contextlib.contextmanager
     def _watching(self, connection: Connection) -> Iterator[None]:
         """Wake the loop when the broker's socket has something to read."""
-        sock = _socket_of(connection)
-        self._polling = sock is None
+        sock = self._socket = _socket_of(connection)
         if sock is None:  # the embedded broker has no socket: it is polled
             yield
             return
@@ -174,9 +177,8 @@ class CommandConsumer:
 
     async def _wait(self, timeout_s: float) -> None:
         """Until the socket is readable, a handler finished, or ``timeout_s`` passed."""
-        if self._polling:  # nothing to watch: the embedded broker is read every time
+        if self._socket is None:  # nothing to watch: the embedded broker is polled
             timeout_s = min(timeout_s, self._settings.poll_interval_s)
-            self._readable = True
         if not self._wake.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout_s):
@@ -185,8 +187,8 @@ class CommandConsumer:
 
     def _drain(self, connection: Connection) -> None:
         """Handle every frame that has arrived, without waiting for more."""
-        sock = _socket_of(connection)
-        if self._readable or (sock is not None and _has_buffered_bytes(sock)):
+        sock = self._socket
+        if sock is None or self._readable or _has_buffered_bytes(sock):
             self._readable = False
             with contextlib.suppress(TimeoutError):
                 while True:
@@ -235,7 +237,6 @@ class CommandConsumer:
                 "relay.idempotency_key": command.key,
             }
         )
-        self._in_flight += 1
         task = asyncio.ensure_future(self._run(command, self._delivery_info(message), span))
         self._tasks.add(task)
         task.add_done_callback(lambda done: self._finish(delivery, done))
@@ -266,7 +267,6 @@ class CommandConsumer:
     def _settle_finished(self, publisher: Publisher) -> None:
         while self._finished:
             delivery, task = self._finished.popleft()
-            self._in_flight -= 1
             settlement = self._settlement(delivery.message, task)
             if delivery.generation != self._generation:
                 # Its channel is gone and the broker has redelivered it: the redelivery

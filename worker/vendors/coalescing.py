@@ -175,7 +175,7 @@ class BatchDeleteCoalescer:
         self._close(batch)
         candidates = batch.waiting()
         marks = await asyncio.gather(
-            *(_mark(m.budget) for m in candidates), return_exceptions=True
+            *(m.budget.mark_first_mutation() for m in candidates), return_exceptions=True
         )
         batch.sent = []
         for member, mark in zip(candidates, marks, strict=True):
@@ -216,12 +216,6 @@ def _refused_as_invalid(outcome: VendorReply | BaseException, call: CallBudget) 
         and outcome.vendor_status == 400
         and 202 not in call.statuses
     )
-
-
-async def _mark(budget: CallBudget) -> None:
-    mark, budget.before_first_mutation = budget.before_first_mutation, None
-    if mark is not None:
-        await mark()
 
 
 def _charge(budget: CallBudget, call: CallBudget) -> None:

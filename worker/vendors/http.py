@@ -75,6 +75,12 @@ class CallBudget:
     # delete (coalescing.py) settles its members, and so fills in its body, in it.
     before_first_mutation: Callable[[], Awaitable[None]] | None = None
 
+    async def mark_first_mutation(self) -> None:
+        """Run ``before_first_mutation``, once: later sends (retries, collects) do not."""
+        mark, self.before_first_mutation = self.before_first_mutation, None
+        if mark is not None:
+            await mark()
+
 
 class Auth(Protocol):
     """Supplies the Authorization header; told when the vendor rejected it."""
@@ -164,9 +170,8 @@ class VendorHttp:
         headers = {"Authorization": authorization}
         if response_id is not None:
             headers["response-id"] = response_id
-        if request.is_mutation and budget.before_first_mutation is not None:
-            mark, budget.before_first_mutation = budget.before_first_mutation, None
-            await mark()
+        if request.is_mutation:
+            await budget.mark_first_mutation()
         with self.telemetry.tracer.start_as_current_span(
             f"{request.method} {request.route}",
             kind=trace.SpanKind.CLIENT,
