@@ -40,19 +40,19 @@ def rows(all_results: Results) -> list[Row]:
     relay, raw, celery = (results.get(k, {}) for k in ("throughput", "raw", "celery"))
     if "throughput" in results:
         out.append(Row(fast, "command-relay", relay.get("per_s"), "commands/s", (">=", 900),
-                       _partial(relay)))
+                       _run_note(relay)))
         cpu = relay.get("cpu_ms_per_command", {})
         out.append(Row(fast, "  its CPU per command", cpu.get("relay-0"), "ms"))
         out.append(Row(fast, "  sandbox CPU per command", cpu.get("sandbox"), "ms"))
     if "raw" in results:
         out.append(Row(fast, "raw anchor (kombu+httpx+confirm)", raw.get("per_s"),
-                       "commands/s", note=_partial(raw)))
+                       "commands/s", note=_run_note(raw)))
         out.append(Row(fast, "  its CPU per command", raw.get("cpu_ms_per_command", {})
                        .get("raw"), "ms"))
     if "celery" in results:
         pool = f"{celery.get('pool')} pool, -c {celery.get('concurrency')}"
         out.append(Row(fast, f"Celery anchor ({pool})", celery.get("per_s"), "tasks/s",
-                       note=_partial(celery)))
+                       note=_run_note(celery)))
         out.append(Row(fast, "  its CPU per task (all processes)",
                        celery.get("cpu_ms_per_command"), "ms"))
     if "throughput" in results and "raw" in results:
@@ -64,14 +64,14 @@ def rows(all_results: Results) -> list[Row]:
     if "slow" in results:
         slow = results["slow"]
         out.append(Row("100 ms vendor, 100 in flight", "command-relay", slow.get("per_s"),
-                       "commands/s", (">=", 700), _partial(slow)))
+                       "commands/s", (">=", 700), _run_note(slow)))
         out.append(Row("100 ms vendor, 100 in flight", "  its CPU per command",
                        slow.get("cpu_ms_per_command", {}).get("relay-0"), "ms"))
     if "ratelimit" in results:
         limited = results["ratelimit"]
         scenario = f"10/s ESET limit, {limited.get('replicas')} replicas"
         out.append(Row(scenario, "vendor calls achieved", limited.get("calls_per_s"), "calls/s",
-                       (">=", 9.5), _partial(limited)))
+                       (">=", 9.5), _run_note(limited)))
         share = limited.get("share_429")
         out.append(Row(scenario, "429 answers", None if share is None else share * 100,
                        "% of calls", ("<=", 1.0)))
@@ -120,7 +120,7 @@ def _coalesce_note(figure: str, run: dict[str, Any]) -> str:
         return "; ".join(filter(None, [
             f"{run.get('commands')} commands{window}, {run.get('concurrency')} in flight",
             f"last event {_fmt(run.get('seconds_to_last_event'))} s after start",
-            _partial(run),
+            _run_note(run),
         ]))
     if figure == "vendor calls":
         return f"{_fmt(run.get('objects_per_call'))} objects per call"
@@ -164,7 +164,7 @@ def _rounds_note(a: dict[str, Any], b: dict[str, Any]) -> str:
         f"{x / y:.2f}" if x and y else "n/a" for x, y in pairs)
 
 
-def _partial(result: dict[str, Any]) -> str:
+def _run_note(result: dict[str, Any]) -> str:
     rounds = result.get("rounds_per_s")
     note = ""
     if rounds:
