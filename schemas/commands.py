@@ -6,6 +6,7 @@ Parse a command body with :func:`parse_command`; it raises
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Annotated, Any, Literal, get_args
 
@@ -13,6 +14,7 @@ from pydantic import (
     AwareDatetime,
     Discriminator,
     Field,
+    Strict,
     Tag,
     TypeAdapter,
 )
@@ -25,6 +27,14 @@ COMMAND_TYPES: tuple[str, ...] = get_args(CommandType)
 # ESET accepts at most this many objects in one quarantine batch (inference from its
 # list page size maximum; a larger batch is a validation error there too).
 MAX_OBJECTS_PER_BATCH = 1000
+MAX_ID_LENGTH = 200  # `id` and `idempotency_key`
+MAX_TEXT_LENGTH = 4096  # Spaaza's free-text `desc` and `debug`
+MAX_TARGET_FIELDS = 64  # Spaaza's `target` object
+MAX_TASK_ID = 2**63 - 1  # the vendors' task ids are 64-bit integers
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+# A JSON integer and nothing else: no bool, no numeric string, no float, however whole.
+TaskId = Annotated[int, Strict(), Field(ge=1, le=MAX_TASK_ID)]
 
 
 class ManualTrigger(ContractModel):
@@ -54,11 +64,11 @@ class SpaazaUpdateTriggersParams(ContractModel):
     """Overwrite the trigger (and optionally desc, target, debug) of a Spaaza task."""
 
     provider: Literal["spaaza"]
-    task_id: int = Field(gt=0)
+    task_id: TaskId
     trigger: SpaazaTrigger
-    desc: str | None = None
-    target: dict[str, Any] | None = None
-    debug: str | None = None
+    desc: str | None = Field(default=None, max_length=MAX_TEXT_LENGTH)
+    target: dict[str, Any] | None = Field(default=None, max_length=MAX_TARGET_FIELDS)
+    debug: str | None = Field(default=None, max_length=MAX_TEXT_LENGTH)
 
 
 def _provider_of(value: Any) -> str:
@@ -85,7 +95,7 @@ class BatchDeleteParams(ContractModel):
 class CancelTaskParams(ContractModel):
     """Ask fylr to cancel a running task."""
 
-    task_id: int = Field(gt=0)
+    task_id: TaskId
 
 
 class FetchPatchingParams(ContractModel):
@@ -93,9 +103,9 @@ class FetchPatchingParams(ContractModel):
 
 
 class _CommandFields(ContractModel):
-    id: str | None = Field(default=None, min_length=1, max_length=200)
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
-    tenant: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
+    tenant: str = Field(default="default", pattern=f"^{TENANT_PATTERN.pattern}$")
     deadline: AwareDatetime | None = None
 
     @property

@@ -72,6 +72,11 @@ class ResultData(ContractModel):
     finished_at: AwareDatetime
     vendor: VendorAnswer | None = None
     error: ErrorInfo | None = None
+    warnings: tuple[str, ...] = Field(
+        default=(),
+        description="What the worker did differently from what the message asked, and why "
+        "(e.g. a reply_to that is not a reply queue was ignored).",
+    )
 
 
 class ResultEvent(ContractModel):
@@ -96,6 +101,11 @@ class ResultEvent(ContractModel):
     def routing_key(self) -> str:
         """``<type>.<outcome>`` on the events exchange."""
         return f"{self.data.type or 'unknown'}.{self.data.outcome}"
+
+    def with_warning(self, warning: str) -> ResultEvent:
+        """The same event, noting how this delivery of it differs from what was asked."""
+        data = self.data.model_copy(update={"warnings": (*self.data.warnings, warning)})
+        return self.model_copy(update={"data": data})
 
     def as_replay(self) -> ResultEvent:
         """The stored event sent again: same data, marked replayed, a new event id."""
