@@ -66,11 +66,14 @@ class Confirms:
         """Publishes made inside the block form one group: ``on_confirmed`` runs once the
         broker has confirmed all of them, ``on_refused`` if it refuses any. Neither runs
         when the block raises (the channel is then assumed lost)."""
-        group = self._open = _Group(on_confirmed, on_refused)
+        # Re-entrant: py-amqp may hand over a delivery in the middle of a publish, and if
+        # that ever led to another group, the outer one gets its slot back afterwards.
+        outer, group = self._open, _Group(on_confirmed, on_refused)
+        self._open = group
         try:
             yield
         finally:
-            self._open = None
+            self._open = outer
         group.closed = True
         if group.refused:
             group.on_refused()

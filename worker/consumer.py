@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from kombu import Connection, Producer
 from kombu import Consumer as KombuConsumer
@@ -32,22 +33,25 @@ from kombu.message import Message
 from opentelemetry.trace import Span, StatusCode
 
 from schemas.commands import Command
-from schemas.events import ErrorCode, ErrorInfo
+from schemas.events import ErrorCode, ErrorInfo, ResultEvent
 from worker.broker import connect, is_amqp
 from worker.confirms import Confirms
-from worker.decoding import decode_command, identity
-from worker.errors import CommandRejected
+from worker.decoding import Rejected, decode_message, fields_of, preview, usable_text
+from worker.errors import StoreUnavailable
 from worker.handler import Action, DeliveryInfo, Settlement
+from worker.outage import Outage
 from worker.publisher import Publisher
-from worker.results import now, rejection, result_event
+from worker.results import CommandFields, now, result_event
 from worker.telemetry import Telemetry, start_process_span
 from worker.topology import Topology
 
 log = logging.getLogger(__name__)
 
-Handle = Callable[[Command, DeliveryInfo, Span], Awaitable[Settlement]]
+Handle = Callable[[Command | Rejected, DeliveryInfo, Span], Awaitable[Settlement]]
 IDLE_WAIT_S = 0.25  # how often ``stop`` and heartbeats are looked at when nothing happens
 RECONNECT_MAX_WAIT_S = 30.0
+MAX_HEADER_COUNT = 10**6  # a count header beyond this is not one the broker or we wrote
+COMPRESSION_HEADER = "compression"  # kombu would inflate the body on receipt: not for us
 
 
 @dataclass
@@ -57,6 +61,8 @@ class Delivery:
     message: Message
     span: Span  # the process span; ended at settlement
     generation: int  # which connection it came on; only that one's channel can ack it
+    message_id: str | None  # the AMQP message_id, when it is usable text
+    fields: CommandFields  # what addresses its event, as far as it is known
     received_at: float = field(default_factory=time.monotonic)
     attributes: dict[str, str] = field(default_factory=dict)  # type and tenant, for metrics
 
@@ -70,6 +76,9 @@ class ConsumerSettings:
     delivery_limit: int = 10
     shutdown_grace_s: float = 30.0
     heartbeat_s: int = 30
+    max_message_bytes: int = 256 * 1024
+    # reply_to is honoured for these queue name prefixes only: queues a publisher owns.
+    reply_to_prefixes: tuple[str, ...] = ("relay.replies.", "amq.gen-", "amq.rabbitmq.reply-to")
 
 
 class CommandConsumer:
@@ -79,10 +88,12 @@ class CommandConsumer:
         topology: Topology,
         handle: Handle,
         telemetry: Telemetry,
+        outage: Outage | None = None,
     ) -> None:
         self._settings = settings
         self.topology = topology
         self._handle = handle
+        self._outage = outage or Outage({})
         self._telemetry = telemetry
         self._metrics = telemetry.instruments
         self._finished: deque[tuple[Delivery, asyncio.Task[Settlement]]] = deque()
@@ -94,7 +105,8 @@ class CommandConsumer:
         self._readable = False
         self._stopping = False
         self._publisher: Publisher | None = None
-        self._connection_errors = self.connection().connection_errors
+        probe = self.connection()
+        self._connection_errors = (*probe.connection_errors, *probe.channel_errors)
         self.connected = threading.Event()
 
     @property
@@ -121,11 +133,16 @@ class CommandConsumer:
                     await self._consume(connection, stop)
                 return
             except (OSError, *self._connection_errors) as error:
-                self.connected.clear()
-                failures += 1
-                wait_s = min(RECONNECT_MAX_WAIT_S, 0.5 * 2**failures)
-                log.warning("broker connection lost (%s); reconnecting in %.1fs", error, wait_s)
-                await _sleep_unless(stop, wait_s)
+                log.warning("broker connection lost (%s)", error)
+            except Exception:
+                # A bug, not the broker: the connection is started anew (its unacked
+                # deliveries come back) rather than the process ending with them.
+                log.exception("consumer failed; reconnecting")
+            self.connected.clear()
+            failures += 1
+            wait_s = min(RECONNECT_MAX_WAIT_S, 0.5 * 2**failures)
+            log.info("reconnecting in %.1fs", wait_s)
+            await _sleep_unless(stop, wait_s)
 
     async def _consume(self, connection: Connection, stop: threading.Event) -> None:
         self._generation += 1
@@ -135,7 +152,7 @@ class CommandConsumer:
         publisher = self._publisher = Publisher(
             Producer(channel), self.topology, self._telemetry.tracer, confirms
         )
-        consumer = KombuConsumer(
+        consumer = _Consumer(
             channel,
             queues=[self.topology.command_queue],
             on_message=self._on_message,
@@ -209,43 +226,70 @@ class CommandConsumer:
             log.warning("%d commands still in flight at shutdown; requeued", self._in_flight)
 
     def _on_message(self, message: Message) -> None:
+        """Start the message's task. py-amqp may call this in the middle of a publish (it
+        reads incoming frames while it writes), so nothing here settles or publishes."""
         if self._stopping:
             return  # not started: the broker gives it to another replica
-        message_id = message.properties.get("message_id")
-        span = start_process_span(
-            self._telemetry.tracer,
-            self.topology.command_queue.name,
-            message.headers,
-            message.delivery_info.get("routing_key"),
-            message_id,
-        )
-        delivery = Delivery(message, span, self._generation)
+        delivery = self._receive(message)
         self._metrics.in_flight.add(1)
-        try:
-            command = decode_command(message.body, message_id)
-        except CommandRejected as error:
-            event = rejection(error.code, error.message, **identity(message.body, message_id))
-            log.info("message rejected", extra={"error_code": error.code, "message_id": message_id})
-            assert self._publisher is not None  # set before consuming starts
-            self._settle(delivery, Settlement(event, Action.DEAD_LETTER), self._publisher)
-            return
-        delivery.attributes = {"relay.command.type": command.type, "relay.tenant": command.tenant}
-        span.set_attributes(
-            {
-                **delivery.attributes,
-                "relay.command.id": command.command_id,
-                "relay.idempotency_key": command.key,
-            }
-        )
-        task = asyncio.ensure_future(self._run(command, self._delivery_info(message), span))
+        task = asyncio.ensure_future(self._process(delivery))
         self._tasks.add(task)
         task.add_done_callback(lambda done: self._finish(delivery, done))
 
-    async def _run(self, command: Command, info: DeliveryInfo, span: Span) -> Settlement:
+    def _receive(self, message: Message) -> Delivery:
+        message_id = usable_text(message.properties.get("message_id"))
+        try:
+            span = start_process_span(
+                self._telemetry.tracer,
+                self.topology.command_queue.name,
+                message.headers,
+                message.delivery_info.get("routing_key"),
+                message_id,
+            )
+        except Exception:  # a publisher's trace headers are input too: trace without them
+            log.warning("trace context not usable", exc_info=True)
+            span = start_process_span(
+                self._telemetry.tracer, self.topology.command_queue.name, {}, None, message_id
+            )
+        return Delivery(message, span, self._generation, message_id, fields_of(None, message_id))
+
+    async def _process(self, delivery: Delivery) -> Settlement:
+        # New work waits while a store is away: it could not be done safely meanwhile.
+        await self._outage.wait()
         async with self._slots:
             if self._stopping:  # not started: the broker gives it to another replica
                 return Settlement(None, Action.REQUEUE)
-            return await self._handle(command, info, span)
+            message = delivery.message
+            decoded = decode_message(
+                message.body,
+                delivery.message_id,
+                content_type=message.content_type,
+                content_encoding=_compressed_as(message) or message.content_encoding,
+                max_bytes=self._settings.max_message_bytes,
+            )
+            self._describe(delivery, decoded)
+            return await self._handle(decoded, self._delivery_info(message), delivery.span)
+
+    def _describe(self, delivery: Delivery, decoded: Command | Rejected) -> None:
+        if isinstance(decoded, Rejected):
+            delivery.fields = decoded.fields
+            extra = {"error_code": decoded.error.code, "command_id": decoded.fields["command_id"]}
+            log.info("message rejected", extra=extra)
+            return
+        delivery.fields = {
+            "command_id": decoded.command_id,
+            "idempotency_key": decoded.key,
+            "command_type": decoded.type,
+            "tenant": decoded.tenant,
+        }
+        delivery.attributes = {"relay.command.type": decoded.type, "relay.tenant": decoded.tenant}
+        delivery.span.set_attributes(
+            {
+                **delivery.attributes,
+                "relay.command.id": decoded.command_id,
+                "relay.idempotency_key": decoded.key,
+            }
+        )
 
     def _finish(self, delivery: Delivery, task: asyncio.Task[Settlement]) -> None:
         """Queue the settlement for the consume loop, where broker errors are handled."""
@@ -256,18 +300,20 @@ class CommandConsumer:
     def _delivery_info(self, message: Message) -> DeliveryInfo:
         headers = message.headers or {}
         # Quorum queues count earlier deliveries in x-delivery-count and dead-letter past
-        # the limit; the last one allowed is used to fail the command with an event.
-        redeliveries = _int(headers.get("x-delivery-count"))
+        # the limit; the last one allowed is used to fail the command with an event. On a
+        # first delivery the header, if any, is the publisher's: not a count to trust.
+        redelivered = bool(message.delivery_info.get("redelivered"))
+        redeliveries = _count(headers.get("x-delivery-count")) if redelivered else 0
         return DeliveryInfo(
-            retries=_int(headers.get("x-relay-retries")),
-            attempts=_int(headers.get("x-relay-attempts")),
+            retries=_count(headers.get("x-relay-retries")),
+            attempts=_count(headers.get("x-relay-attempts")),
             last_delivery=redeliveries >= self._settings.delivery_limit - 1,
         )
 
     def _settle_finished(self, publisher: Publisher) -> None:
         while self._finished:
             delivery, task = self._finished.popleft()
-            settlement = self._settlement(delivery.message, task)
+            settlement = self._settlement(delivery, task)
             if delivery.generation != self._generation:
                 # Its channel is gone and the broker has redelivered it: the redelivery
                 # replays the stored result instead.
@@ -275,45 +321,76 @@ class CommandConsumer:
                 continue
             self._settle(delivery, settlement, publisher)
 
-    def _settlement(self, message: Message, task: asyncio.Task[Settlement]) -> Settlement:
+    def _settlement(self, delivery: Delivery, task: asyncio.Task[Settlement]) -> Settlement:
         if task.cancelled():  # only at shutdown: the broker gives it to another replica
             return Settlement(None, Action.REQUEUE)
         error = task.exception()
         if error is None:
             return task.result()
+        if isinstance(error, StoreUnavailable):
+            # Held as long as a delivery may be; it goes back and waits again.
+            return Settlement(None, Action.REQUEUE)
         # A bug, not bad input: report it and keep the message rather than lose it.
         log.error("handler failed", exc_info=error)
         event = result_event(
-            **identity(message.body, message.properties.get("message_id")),
+            **delivery.fields,
             outcome="failed",
             started_at=now(),
             error=ErrorInfo(
-                code=ErrorCode.INTERNAL_ERROR, message=f"the worker failed: {error!r}"
+                code=ErrorCode.INTERNAL_ERROR,
+                message=f"the worker failed on this command ({type(error).__name__}); it is "
+                "kept in the dead-letter queue",
             ),
         )
         return Settlement(event, Action.DEAD_LETTER)
 
     def _settle(self, delivery: Delivery, settlement: Settlement, publisher: Publisher) -> None:
-        message, event = delivery.message, settlement.event
         try:
-            if settlement.action is Action.REQUEUE:
-                message.requeue()
-                return
-            # Acked once the broker has confirmed these publishes; a refused one puts the
-            # command back, and its redelivery replays the stored result.
-            with publisher.confirms.group(message.ack, message.requeue):
-                if settlement.action is Action.DELAY:
-                    queue = self.topology.delay_queues[settlement.delay_s].name
-                    publisher.delay(message, queue, settlement.retries, settlement.attempts)
-                    return
-                if event is not None:
-                    publisher.publish_event(event, message, delivery.span)
-                if settlement.action is Action.DEAD_LETTER:
-                    reason = event.data.outcome if event else ""
-                    publisher.dead_letter(message, event, reason=reason)
-                    self._metrics.dead_letters.add(1, delivery.attributes)
+            self._carry_out(delivery, settlement, publisher)
+        except self._connection_errors:
+            raise  # the channel is gone: unacked, the delivery comes back on the next one
+        except Exception:
+            # Nothing one message holds may stop the consumer: let the broker keep it
+            # (RabbitMQ dead-letters a rejected command to the dead-letter queue).
+            log.exception("settling failed; the message is rejected to the dead-letter queue")
+            delivery.message.reject(requeue=False)
         finally:
             self._record(delivery, settlement)
+
+    def _carry_out(self, delivery: Delivery, settlement: Settlement, publisher: Publisher) -> None:
+        message = delivery.message
+        if settlement.action is Action.REQUEUE:
+            message.requeue()
+            return
+        # Acked once the broker has confirmed these publishes; a refused one puts the
+        # command back, and its redelivery replays the stored result.
+        with publisher.confirms.group(message.ack, message.requeue):
+            if settlement.action is Action.DELAY:
+                queue = self.topology.delay_queues[settlement.delay_s].name
+                publisher.delay(message, queue, settlement.retries, settlement.attempts)
+                return
+            event = settlement.event
+            if event is not None:
+                reply_to, event = self._reply_to(message, event)
+                publisher.publish_event(event, message, delivery.span, reply_to)
+            if settlement.action is Action.DEAD_LETTER:
+                reason = event.data.outcome if event else ""
+                publisher.dead_letter(message, event, reason=reason)
+                self._metrics.dead_letters.add(1, delivery.attributes)
+
+    def _reply_to(self, message: Message, event: ResultEvent) -> tuple[str | None, ResultEvent]:
+        """The command's reply queue when it may have one, and the event, saying so when
+        the reply queue was refused."""
+        reply_to = message.properties.get("reply_to")
+        if not reply_to:
+            return None, event
+        if isinstance(reply_to, str) and reply_to.startswith(self._settings.reply_to_prefixes):
+            return reply_to, event
+        allowed = ", ".join(self._settings.reply_to_prefixes)
+        return None, event.with_warning(
+            f"reply_to {preview(reply_to)} is not a reply queue (names starting with "
+            f"{allowed}): the event went to the events exchange only"
+        )
 
     def _record(self, delivery: Delivery, settlement: Settlement) -> None:
         event = settlement.event
@@ -351,6 +428,30 @@ async def _sleep_unless(stop: threading.Event, seconds: float) -> None:
         await asyncio.sleep(min(IDLE_WAIT_S, until - time.monotonic()))
 
 
-def _int(value: object) -> int:
+def _count(value: object) -> int:
     """A header's count; anything else (absent, mangled by a publisher) counts as 0."""
-    return int(value) if isinstance(value, int | str) and str(value).isdigit() else 0
+    if isinstance(value, str) and value.isascii() and value.isdecimal() and len(value) <= 9:
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value <= MAX_HEADER_COUNT:
+        return max(value, 0)
+    return 0
+
+
+def _compressed_as(message: Message) -> str | None:
+    compression = (message.headers or {}).get(f"x-relay-{COMPRESSION_HEADER}")
+    return f"compressed ({preview(compression)})" if compression else None
+
+
+class _Consumer(KombuConsumer):  # type: ignore[misc]
+    """kombu inflates a body whose headers name a compression, before any check could
+    bound it (a small zlib bomb becomes gigabytes). The header is renamed before kombu
+    sees it, so the body stays as sent and the command is rejected as compressed."""
+
+    def _receive_callback(self, raw: Any) -> None:
+        properties = getattr(raw, "properties", None)  # py-amqp; the embedded broker: a dict
+        headers = properties.get("application_headers") if properties else None
+        if headers is None and isinstance(raw, dict):
+            headers = raw.get("headers")
+        if isinstance(headers, dict) and COMPRESSION_HEADER in headers:
+            headers[f"x-relay-{COMPRESSION_HEADER}"] = headers.pop(COMPRESSION_HEADER)
+        super()._receive_callback(raw)

@@ -33,21 +33,22 @@ class Publisher:
         self._tracer = tracer
         self.confirms = confirms
 
-    def publish_event(self, event: ResultEvent, command: Message, parent: Span) -> None:
-        """To the events exchange, and to the command's ``reply_to`` when it has one; each
-        publish is a PRODUCER span under ``parent`` whose context travels in the headers."""
+    def publish_event(
+        self, event: ResultEvent, command: Message, parent: Span, reply_to: str | None
+    ) -> None:
+        """To the events exchange, and to ``reply_to`` when given; each publish is a
+        PRODUCER span under ``parent`` whose context travels in the headers."""
         body = event.model_dump_json().encode()
         properties = command.properties
         context = trace.set_span_in_context(parent)
         self._publish(body, self._topology.events.name, event.routing_key, event.id, context)
-        reply_to = properties.get("reply_to")
         if reply_to:
             correlation_id = properties.get("correlation_id") or properties.get("message_id")
             self._publish(body, "", reply_to, event.id, context, correlation_id)
 
     def dead_letter(self, command: Message, event: ResultEvent | None, reason: str) -> None:
         """Keep the original message, with why it is here, in the dead-letter queue."""
-        headers: dict[str, Any] = dict(command.headers or {})
+        headers = _forwardable(command.headers)
         headers["x-relay-reason"] = reason
         if event is not None:
             headers["x-relay-event-id"] = event.id
@@ -58,7 +59,7 @@ class Publisher:
     def delay(self, command: Message, queue: str, retries: int, attempts: int) -> None:
         """Send the command, as it came, to a delay queue; it returns to the command queue
         when the queue's TTL runs out. The headers carry what the next delivery needs."""
-        headers: dict[str, Any] = dict(command.headers or {})
+        headers = _forwardable(command.headers)
         headers.pop("x-delivery-count", None)  # a fresh message: the broker counts anew
         headers.update({"x-relay-retries": retries, "x-relay-attempts": attempts})
         self._forward(command, queue, headers)
@@ -66,8 +67,12 @@ class Publisher:
     def _forward(self, command: Message, queue: str, headers: dict[str, Any]) -> None:
         """The command's body and properties, unchanged, to ``queue``, with ``headers``."""
         properties = command.properties
+        body = command.body
+        # Bytes as they came: kombu would otherwise encode a text body in the message's
+        # own (publisher-chosen, maybe unknown) content_encoding.
+        raw = body if isinstance(body, bytes) else str(body).encode("utf-8", "surrogatepass")
         self._producer.publish(
-            command.body,
+            raw,
             exchange="",
             routing_key=queue,
             content_type=command.content_type or "application/octet-stream",
@@ -113,3 +118,15 @@ class Publisher:
                 retry=False,
             )
             self.confirms.published()
+
+
+def _forwardable(headers: Any) -> dict[str, Any]:
+    """A message's headers as AMQP can send them again: text keys only (py-amqp hands
+    over keys it could not decode as bytes, and can not encode those)."""
+    if not isinstance(headers, dict):
+        return {}
+    return {
+        key: _forwardable(value) if isinstance(value, dict) else value
+        for key, value in headers.items()
+        if isinstance(key, str)
+    }

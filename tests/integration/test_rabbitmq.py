@@ -4,6 +4,7 @@ pika (an AMQP client other than the worker's) the way an outside playbook would.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -12,7 +13,10 @@ import pika
 import pika.exceptions
 import pytest
 
+from worker.client import CommandClient
 from worker.demo import demo_commands
+from worker.settings import Settings
+from worker.topology import Topology
 from worker.sandbox import Faults, SandboxServer, ScriptedFault
 
 from ..harness import RunningRelay, running_relay
@@ -258,15 +262,58 @@ def test_a_duplicate_of_running_work_is_deferred_then_replayed(
     assert sandbox.state.stats()["calls"]["fylr.cancel"] == 1
 
 
-def test_a_message_at_its_delivery_limit_fails_without_a_vendor_call(
+def test_a_spoofed_delivery_count_on_a_first_delivery_is_not_trusted(
     patient_relay: RunningRelay, sandbox: SandboxServer
 ):
-    """What a worker sees of a command that crashed workers until the limit."""
+    """x-delivery-count counts only on a redelivery: a publisher's own value is ignored."""
     limit = patient_relay.settings.delivery_limit
     body = json.dumps({"type": "cancel-task", "params": {"task_id": 9}}).encode()
     patient_relay.send_raw(body, headers={"x-delivery-count": limit - 1})
     (event,) = patient_relay.events(1)
+    assert event.data.outcome == "succeeded"
+    assert sandbox.state.stats()["effects"]["fylr.cancel"] == {"9": 1}
+
+
+def test_a_message_at_its_delivery_limit_fails_without_a_vendor_call(
+    sandbox: SandboxServer, amqp_url: str, redis_url: str
+):
+    """What a worker sees of a command that crashed workers until the limit: delivered
+    and returned (as a dying worker's channel returns it) until the last delivery."""
+    suffix = uuid.uuid4().hex[:8]
+    names = {
+        "command_exchange": f"test.commands.{suffix}",
+        "command_queue": f"test.commands.{suffix}",
+        "event_exchange": f"test.events.{suffix}",
+        "dead_letter_queue": f"test.commands.dead.{suffix}",
+        "delivery_limit": 4,
+    }
+    settings = Settings(broker_url=amqp_url, **names)
+    topology = Topology.from_settings(settings)
+    with CommandClient(amqp_url, topology) as client:
+        reply_to = client.reply_queue()
+        body = json.dumps({"type": "cancel-task", "params": {"task_id": 10}}).encode()
+        client.publish_raw(body, message_id="at-limit", reply_to=reply_to)
+        _return_to_queue(amqp_url, topology.command_queue.name, times=3)
+        with running_relay(sandbox, broker_url=amqp_url, idempotency_url=redis_url, **names) as relay:
+            (reply,) = [r for _, r in zip(range(1), client.events(20), strict=False)]
+            (kept,) = relay.dead_letters()
+        _delete_queues(amqp_url, relay)
+    event = reply.event
     assert event.data.outcome == "failed"
     assert event.data.error is not None and event.data.error.code == "delivery_limit"
     assert "fylr.cancel" not in sandbox.state.stats()["calls"]
-    assert len(patient_relay.dead_letters()) == 1
+    assert kept.properties["message_id"] == "at-limit"
+
+
+def _return_to_queue(amqp_url: str, queue: str, times: int) -> None:
+    """Take the message and give it back unacked, ``times`` times."""
+    connection = pika.BlockingConnection(pika_parameters(amqp_url))
+    channel = connection.channel()
+    for _ in range(times):
+        give_up_at = time.monotonic() + 10
+        method = None
+        while method is None:
+            assert time.monotonic() < give_up_at, "the message did not come back"
+            method, _properties, _body = channel.basic_get(queue)
+        channel.basic_reject(method.delivery_tag, requeue=True)
+    connection.close()
