@@ -3,8 +3,10 @@
     RelayError
     ├── CommandRejected      nothing was sent; the command must change → ``rejected``
     ├── PermanentFailure     the vendor refused for good, or the answer is lost → ``failed``
-    └── TransientFailure     may work later: retry, then ``failed`` (retryable)
-        └── VendorThrottled  429, with the vendor's Retry-After when it sent one
+    ├── TransientFailure     may work later: retry, then ``failed`` (retryable)
+    │   └── VendorThrottled  429, with the vendor's Retry-After when it sent one
+    └── StoreUnavailable     a store (idempotency, rate limit) does not answer: the command
+                             waits, or goes back to the queue; never an outcome
 
 Each carries the contract's :class:`~schemas.events.ErrorCode` and a message that says what
 happened or what to fix. Foreign errors are wrapped at the boundary with ``raise … from e``.
@@ -70,3 +72,14 @@ class VendorThrottled(TransientFailure):
     ) -> None:
         super().__init__(ErrorCode.VENDOR_UNAVAILABLE, message, vendor_status=429, reply=reply)
         self.retry_after_s = retry_after_s
+
+
+class StoreUnavailable(RelayError):
+    """Raised when the idempotency or rate-limit store can not be reached; the command is
+    held until it answers (and requeued if that takes too long), never failed for it."""
+
+    def __init__(self, store: str, error: BaseException) -> None:
+        super().__init__(
+            ErrorCode.INTERNAL_ERROR, f"the {store} store is unreachable: {type(error).__name__}"
+        )
+        self.store = store

@@ -8,14 +8,19 @@ requeue), so one place settles messages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
+from typing import TypeVar
 
 from schemas.commands import Command
 from schemas.events import ErrorCode, ErrorInfo, ResultEvent
-from worker.errors import CommandRejected, RelayError
+from worker.decoding import Rejected
+from worker.errors import CommandRejected, RelayError, StoreUnavailable
 from worker.idempotency import (
     Claimed,
     Completed,
@@ -24,6 +29,7 @@ from worker.idempotency import (
     InProgress,
     fingerprint,
 )
+from worker.outage import Outage
 from worker.results import CommandFields, now, outcome_of, rejection, result_event
 from worker.retries import RetryPolicy
 from worker.vendors import Vendors
@@ -33,6 +39,10 @@ log = logging.getLogger(__name__)
 
 # Commands that change nothing at the vendor: safe to run again whatever happened before.
 READ_ONLY_TYPES = frozenset({"fetch-patching"})
+# Rejections are stored apart from the keys of work: a fixed command sent again under its
+# key is judged afresh, while a redelivery of the rejected message replays its event.
+REJECTION_KEY_PREFIX = "rejected:"
+T = TypeVar("T")
 
 
 class Action(Enum):
@@ -88,28 +98,39 @@ class Handler:
         policy: RetryPolicy,
         timings: HandlerTimings,
         owner: str,
+        outage: Outage | None = None,
     ) -> None:
         self._store = store
         self._vendors = vendors
         self._policy = policy
         self._timings = timings
         self._owner = owner  # this process, as the holder of idempotency claims
+        self._outage = outage or Outage({})
 
-    async def handle(self, command: Command, delivery: DeliveryInfo | None = None) -> Settlement:
+    async def handle(
+        self, decoded: Command | Rejected, delivery: DeliveryInfo | None = None
+    ) -> Settlement:
         """Claim the key, run the command (or replay / defer / reject), store the event."""
-        delivery = delivery or DeliveryInfo()
+        if isinstance(decoded, Rejected):
+            event = rejection(decoded.error.code, decoded.error.message, **decoded.fields)
+            return await self._store_rejection(decoded.digest, event)
+        command, delivery = decoded, delivery or DeliveryInfo()
         try:
             self._check_acceptable(command)
         except CommandRejected as error:
-            return Settlement.for_event(self._rejected(command, error))
+            return await self._store_rejection(
+                _digest(command), self._rejected(command, error)
+            )
         deadline = self._budget_deadline(command)
         while True:
-            claim = await self._store.claim(command.key, fingerprint(command), self._owner)
+            claim = await self._held_through_outage(
+                lambda: self._store.claim(command.key, fingerprint(command), self._owner)
+            )
             match claim:
                 case Completed(event=stored):
-                    return Settlement.for_event(replay_for(command, stored))
+                    return Settlement.for_event(replay_for(command.command_id, stored))
                 case Conflict():
-                    return Settlement.for_event(self._conflict(command))
+                    return await self._store_rejection(_digest(command), self._conflict(command))
                 case Claimed(after_send=True) if command.type not in READ_ONLY_TYPES:
                     return await self._after_dead_holder(command)
                 case Claimed():
@@ -128,6 +149,39 @@ class Handler:
                     if self._policy.clock() + self._timings.defer_poll_s >= deadline:
                         return Settlement(None, Action.REQUEUE)
                     await self._policy.sleep(min(self._timings.defer_poll_s, lease_left_s))
+
+    async def _store_rejection(self, digest: str, event: ResultEvent) -> Settlement:
+        """The rejection, stored under the message's own digest, so that a redelivery of
+        the same message gets it again, marked replayed, rather than a second one."""
+        key = REJECTION_KEY_PREFIX + digest
+        while True:
+            claim = await self._held_through_outage(
+                lambda: self._store.claim(key, digest, self._owner)
+            )
+            match claim:
+                case Completed(event=stored):
+                    return Settlement.for_event(replay_for(event.data.command_id, stored))
+                case InProgress(lease_left_s=lease_left_s):  # another delivery, storing it
+                    await self._policy.sleep(min(self._timings.defer_poll_s, lease_left_s))
+                case _:
+                    await self._held_through_outage(
+                        lambda: self._store.complete(key, self._owner, event)
+                    )
+                    return Settlement.for_event(event)
+
+    async def _held_through_outage(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A store call, waited through an outage of the store (the command is held, never
+        failed for it) for as long as a delivery may work; then StoreUnavailable, and the
+        command goes back to the queue."""
+        give_up_at = self._policy.clock() + self._timings.command_timeout_s
+        while True:
+            try:
+                return await call()
+            except StoreUnavailable as error:
+                self._outage.report(error)
+                left_s = give_up_at - self._policy.clock()
+                if left_s <= 0 or not await self._outage.wait(left_s):
+                    raise
 
     def _check_acceptable(self, command: Command) -> None:
         self._vendors.tenant(command.tenant)
@@ -166,20 +220,28 @@ class Handler:
         except _ClaimLost:
             raise  # not ours to release
         except _RetryLater as later:
-            await self._store.release(command.key, self._owner)  # the retry claims it again
+            await self._release(command.key)  # the retry claims it again
             return Settlement(
                 None, Action.DELAY, later.delay_s, delivery.retries + 1,
                 delivery.attempts + budget.attempts,
             )
         except BaseException:
-            await self._store.release(command.key, self._owner)  # let a redelivery retry
+            await self._release(command.key)  # let a redelivery retry
             raise
         finally:
             renewing.cancel()
         # The outbox: stored before it is published, so a crash after this point
         # replays the event instead of calling the vendor again.
-        await self._store.complete(command.key, self._owner, event)
+        await self._held_through_outage(
+            lambda: self._store.complete(command.key, self._owner, event)
+        )
         return Settlement.for_event(event)
+
+    async def _release(self, key: str) -> None:
+        # With the store away the claim stays until its lease runs out; the redelivery
+        # then takes it over (or waits for it), which is all a release would allow sooner.
+        with contextlib.suppress(StoreUnavailable):
+            await self._store.release(key, self._owner)
 
     async def _execute(
         self, command: Command, budget: CallBudget, started_at: datetime, delivery: DeliveryInfo
@@ -216,7 +278,7 @@ class Handler:
     async def _mark_sent(self, key: str) -> None:
         # A worker starved for longer than its lease may have lost the key to another one,
         # which then does the work: this one must not send it as well.
-        if not await self._store.mark_sent(key, self._owner):
+        if not await self._held_through_outage(lambda: self._store.mark_sent(key, self._owner)):
             raise _ClaimLost(key)
 
     async def _keep_lease(self, key: str) -> None:
@@ -224,7 +286,10 @@ class Handler:
         is never mistaken for a dead holder (and done a second time)."""
         while True:
             await asyncio.sleep(self._timings.claim_lease_s / 3)
-            await self._store.renew(key, self._owner)
+            try:
+                await self._store.renew(key, self._owner)
+            except StoreUnavailable as error:
+                self._outage.report(error)  # renewed on the next round, if it is back
 
     async def _after_dead_holder(self, command: Command) -> Settlement:
         # The holder died after the mutation may have reached the vendor, and before it
@@ -242,7 +307,9 @@ class Handler:
                 "effect, so it was not sent again: check before re-sending",
             ),
         )
-        await self._store.complete(command.key, self._owner, event)
+        await self._held_through_outage(
+            lambda: self._store.complete(command.key, self._owner, event)
+        )
         return Settlement.for_event(event)
 
     def _next_delay_s(self, command: Command, delivery: DeliveryInfo) -> float | None:
@@ -309,12 +376,17 @@ def _event_fields(command: Command) -> CommandFields:
     }
 
 
-def replay_for(command: Command, stored: ResultEvent) -> ResultEvent:
-    """The stored event again, marked replayed, addressed to this command's id (so each
+def replay_for(command_id: str, stored: ResultEvent) -> ResultEvent:
+    """The stored event again, marked replayed, addressed to this command id (so each
     command id still gets exactly one terminal event of its own)."""
     replay = stored.as_replay()
-    data = replay.data.model_copy(update={"command_id": command.command_id})
-    return replay.model_copy(update={"data": data, "subject": command.command_id})
+    data = replay.data.model_copy(update={"command_id": command_id})
+    return replay.model_copy(update={"data": data, "subject": command_id})
+
+
+def _digest(command: Command) -> str:
+    """What makes a rejected command the same message again: its id and its content."""
+    return hashlib.sha256(f"{command.command_id}\0{fingerprint(command)}".encode()).hexdigest()
 
 
 class _ClaimLost(Exception):

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from schemas.commands import Command
 from schemas.events import ResultEvent
+from worker.errors import StoreUnavailable
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,10 @@ class SqliteStore:
         return db
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except sqlite3.OperationalError as error:  # locked past the timeout, disk away
+            raise StoreUnavailable("idempotency", error) from error
 
     async def claim(self, key: str, fingerprint: str, owner: str) -> ClaimResult:
         result: ClaimResult = await self._run(self._claim, key, fingerprint, owner)

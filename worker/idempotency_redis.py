@@ -7,12 +7,21 @@ on the server. Keys expire after the retention period (``PEXPIRE``).
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas.events import ResultEvent
+from worker.errors import StoreUnavailable
 from worker.idempotency import Claimed, ClaimResult, _decide
 from worker.redis_batch import ScriptBatcher
+
+# Redis away (refused, reset, loading, timed out): the command is held, not failed.
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+SOCKET_TIMEOUT_S = 5.0  # a Redis that accepts and never answers counts as away
 
 KEY_PREFIX = "relay:idempotency:"
 
@@ -61,7 +70,9 @@ return 0
 
 class RedisStore:
     def __init__(self, url: str, lease_s: float, retention_s: float) -> None:
-        self._redis = Redis.from_url(url)
+        self._redis = Redis.from_url(
+            url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
+        )
         self._lease_s = lease_s
         self._retention_ms = int(retention_s * 1000)
         self._claim = self._redis.register_script(CLAIM_SCRIPT)
@@ -72,7 +83,7 @@ class RedisStore:
 
     async def claim(self, key: str, fingerprint: str, owner: str) -> ClaimResult:
         now = time.time()
-        record = await self._batch.call(
+        record = await self._call(
             self._claim,
             [KEY_PREFIX + key],
             [fingerprint, owner, repr(now), repr(self._lease_s), self._retention_ms],
@@ -86,25 +97,34 @@ class RedisStore:
         return _decide((stored_fp, holder, float(lease_until), event, False), fingerprint, now)
 
     async def complete(self, key: str, owner: str, event: ResultEvent) -> None:
-        await self._batch.call(
+        await self._call(
             self._complete, [KEY_PREFIX + key], [event.model_dump_json(), self._retention_ms]
         )
 
     async def release(self, key: str, owner: str) -> None:
-        await self._batch.call(self._release, [KEY_PREFIX + key], [owner])
+        await self._call(self._release, [KEY_PREFIX + key], [owner])
 
     async def renew(self, key: str, owner: str) -> None:
         lease_until = repr(time.time() + self._lease_s)
-        await self._batch.call(
+        await self._call(
             self._set_if_holder, [KEY_PREFIX + key], [owner, "lease_until", lease_until]
         )
 
     async def mark_sent(self, key: str, owner: str) -> bool:
-        done = await self._batch.call(self._set_if_holder, [KEY_PREFIX + key], [owner, "sent", "1"])
+        done = await self._call(self._set_if_holder, [KEY_PREFIX + key], [owner, "sent", "1"])
         return bool(done)
 
     async def ping(self) -> None:
-        await self._redis.ping()
+        try:
+            await self._redis.ping()
+        except UNREACHABLE as error:
+            raise StoreUnavailable("idempotency", error) from error
+
+    async def _call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self._batch.call(script, keys, args)
+        except UNREACHABLE as error:
+            raise StoreUnavailable("idempotency", error) from error
 
     async def close(self) -> None:
         await self._redis.aclose()

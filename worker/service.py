@@ -13,10 +13,12 @@ from opentelemetry.trace import Span
 
 from schemas.commands import Command
 from worker.consumer import CommandConsumer, ConsumerSettings
+from worker.decoding import Rejected
 from worker.handler import DeliveryInfo, Handler, HandlerTimings, Settlement
 from worker.health import Check, create_health_app
 from worker.http_server import BackgroundServer
 from worker.idempotency import IdempotencyStore, open_store
+from worker.outage import Outage
 from worker.ratelimit import RateLimits
 from worker.retries import RetryPolicy
 from worker.runtime import HandlerLoop
@@ -49,9 +51,13 @@ class RelayService:
             max_wait_s=settings.retry_max_wait_s,
         )
         topology = Topology.from_settings(settings)
+        # Filled in below: the probes of the stores whose outage holds the commands.
+        self.outage = outage = Outage({})
         rate_limits = RateLimits(
-            settings.rate_limits, settings.rate_limit_url, settings.rate_limit_margin
+            settings.rate_limits, settings.rate_limit_url, settings.rate_limit_margin,
+            outage, settings.command_timeout_s,
         )
+        outage.probes.update({"idempotency": self.store.ping, "rate-limit": rate_limits.pacer.ping})
         self.vendors = Vendors(settings, rate_limits, policy, self.telemetry)
         self.handler = Handler(
             self.store,
@@ -66,6 +72,7 @@ class RelayService:
                 claim_lease_s=settings.claim_lease_s,
             ),
             self.owner,
+            outage,
         )
         self.consumer = CommandConsumer(
             ConsumerSettings(
@@ -75,17 +82,22 @@ class RelayService:
                 prefetch=settings.prefetch or 2 * settings.concurrency,
                 poll_interval_s=settings.broker_poll_interval_s,
                 shutdown_grace_s=settings.shutdown_grace_s,
+                max_message_bytes=settings.max_message_bytes,
+                reply_to_prefixes=settings.reply_to_prefixes,
             ),
             topology,
             self._handle_in,
             self.telemetry,
+            outage,
         )
 
-    async def _handle_in(self, command: Command, delivery: DeliveryInfo, span: Span) -> Settlement:
+    async def _handle_in(
+        self, decoded: Command | Rejected, delivery: DeliveryInfo, span: Span
+    ) -> Settlement:
         # The handler's spans (vendor calls) become children of the delivery's span.
         token = context.attach(trace.set_span_in_context(span))
         try:
-            return await self.handler.handle(command, delivery)
+            return await self.handler.handle(decoded, delivery)
         finally:
             context.detach(token)
 
@@ -93,7 +105,10 @@ class RelayService:
         """Readiness checks: the broker connection, and the store answering a ping."""
         return {
             "broker": self.consumer.connected.is_set,
-            "store": lambda: self.loop.run(self.store.ping(), STORE_PING_TIMEOUT_S) is None,
+            # Also not ready while commands are held for a store outage (the rate-limit
+            # store's too); the log says which store.
+            "store": lambda: self.outage.available
+            and self.loop.run(self.store.ping(), STORE_PING_TIMEOUT_S) is None,
         }
 
     def run(self, stop: threading.Event) -> None:

@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     # replicas killed mid-command do not use it up.
     delivery_limit: int = Field(default=10, ge=2)
     broker_poll_interval_s: float = Field(default=0.02, gt=0)
+    # A command larger than this is rejected before it is parsed (1000 object uuids, the
+    # largest batch, take about 42 KiB). With the prefetch it bounds the bytes held.
+    max_message_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # reply_to is honoured only for queues a publisher owns: these name prefixes (the
+    # server-named amq.gen-*, RabbitMQ's direct reply-to, and the client's own replies).
+    reply_to_prefixes: tuple[str, ...] = ("relay.replies.", "amq.gen-", "amq.rabbitmq.reply-to")
 
     # Idempotency store: sqlite:///path (default) or redis://…
     idempotency_url: str = "sqlite:///.relay/idempotency.sqlite3"
@@ -86,6 +92,9 @@ class Settings(BaseSettings):
 
     # Vendor calls
     http_timeout_s: float = Field(default=45, gt=0)  # ESET holds a call ~30 s before a 202
+    # A vendor answer's body is kept up to this size (an event carries it); past it the
+    # body is dropped and the event says so.
+    max_response_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     retry_max_attempts: int = Field(default=5, ge=1)
     retry_initial_wait_s: float = Field(default=0.5, ge=0)
     retry_max_wait_s: float = Field(default=30, ge=0)
