@@ -21,7 +21,16 @@ from typing import Protocol
 
 from limits import parse
 
+from worker.errors import StoreUnavailable
+from worker.outage import Outage
+
 KEY_PREFIX = "relay:pace:"
+# A call that leaves later than this after its slot gives the slot up and takes the next
+# one: as a share of the pacing margin, so a late call never lands within one window of
+# the calls after it (ESET counts arrivals in any sliding second). Bounded, so a loaded
+# loop slows calls down rather than stopping them.
+LATE_SHARE_OF_MARGIN = 0.5
+MAX_LATE_RETAKES = 3
 
 # Reserve the next free moment of a key: returns the seconds to wait (as a string, Lua
 # numbers are returned as integers). KEYS[1]: the account; ARGV[1]: interval in seconds.
@@ -41,6 +50,10 @@ class Pacer(Protocol):
         """Reserve the next slot of ``key``; the seconds to wait for it."""
         ...
 
+    async def ping(self) -> None:
+        """Raise :class:`StoreUnavailable` while the pace can not be kept."""
+        ...
+
 
 class MemoryPacer:
     """For one process (the embedded, single-host default)."""
@@ -54,6 +67,9 @@ class MemoryPacer:
         self._free_at[key] = free_at + interval_s
         return free_at - now
 
+    async def ping(self) -> None:
+        return None
+
 
 class RedisPacer:
     """For a fleet: one pace per account across every replica."""
@@ -61,10 +77,25 @@ class RedisPacer:
     def __init__(self, url: str) -> None:
         from redis.asyncio import Redis  # the redis extra: only a fleet needs it
 
-        self._reserve = Redis.from_url(url).register_script(RESERVE_SCRIPT)
+        from worker.idempotency_redis import SOCKET_TIMEOUT_S, UNREACHABLE
+
+        self._unreachable = UNREACHABLE
+        self._redis = Redis.from_url(
+            url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
+        )
+        self._reserve = self._redis.register_script(RESERVE_SCRIPT)
 
     async def reserve(self, key: str, interval_s: float) -> float:
-        return float(await self._reserve(keys=[KEY_PREFIX + key], args=[repr(interval_s)]))
+        try:
+            return float(await self._reserve(keys=[KEY_PREFIX + key], args=[repr(interval_s)]))
+        except self._unreachable as error:
+            raise StoreUnavailable("rate-limit", error) from error
+
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except self._unreachable as error:
+            raise StoreUnavailable("rate-limit", error) from error
 
 
 class RateLimits:
@@ -72,21 +103,29 @@ class RateLimits:
 
     def __init__(
         self, limits_by_vendor: dict[str, str], storage_url: str = "memory://",
-        margin: float = 0.03,
+        margin: float = 0.03, outage: Outage | None = None, outage_hold_s: float = 600.0,
     ) -> None:
-        self._interval_s = {
-            vendor: _interval_s(text) * (1 + margin) for vendor, text in limits_by_vendor.items()
-        }
-        self._pacer: Pacer = MemoryPacer() if storage_url == "memory://" else RedisPacer(
+        self._interval_s: dict[str, float] = {}
+        self._late_s: dict[str, float] = {}
+        for vendor, text in limits_by_vendor.items():
+            window_s, amount = _window_s_and_amount(text)
+            self._interval_s[vendor] = window_s / amount * (1 + margin)
+            self._late_s[vendor] = window_s * margin * LATE_SHARE_OF_MARGIN
+        self.pacer: Pacer = MemoryPacer() if storage_url == "memory://" else RedisPacer(
             storage_url
         )
+        self._outage = outage or Outage({})
+        self._outage_hold_s = outage_hold_s
 
     def slot(self, vendor: str, account: str) -> RateSlot | Unlimited:
         """The slot one vendor account's calls wait for."""
         interval_s = self._interval_s.get(vendor)
         if interval_s is None:
             return Unlimited()
-        return RateSlot(self._pacer, f"{vendor}:{account}", interval_s)
+        return RateSlot(
+            self.pacer, f"{vendor}:{account}", interval_s, self._late_s[vendor],
+            self._outage, self._outage_hold_s,
+        )
 
 
 @dataclass(frozen=True)
@@ -94,21 +133,50 @@ class RateSlot:
     pacer: Pacer
     key: str
     interval_s: float
+    late_s: float  # a call later than this after its slot takes a new one
+    outage: Outage
+    outage_hold_s: float  # how long a call waits for an unreachable pace store
 
-    async def acquire(self) -> None:
-        """Return at this call's moment; the slot is taken once it is reserved."""
-        wait_s = await self.pacer.reserve(self.key, self.interval_s)
-        if wait_s > 0:
-            await asyncio.sleep(wait_s)
+    async def acquire(self) -> float:
+        """Return at this call's moment (a ``time.monotonic`` reading, given back); the
+        slot is taken once it is reserved. A wake-up later than ``late_s`` takes the next
+        slot instead, a few times at most (a loaded loop then slows calls down)."""
+        for _ in range(MAX_LATE_RETAKES):
+            asked_at = time.monotonic()
+            wait_s = await self._reserve()
+            # From before the reservation was asked: never later than the true moment.
+            slot_at = asked_at + max(wait_s, 0.0)
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+            if self.on_time(slot_at):
+                break
+        return slot_at
+
+    def on_time(self, slot_at: float) -> bool:
+        """Whether a call sent now is close enough to its slot."""
+        return time.monotonic() - slot_at <= self.late_s
+
+    async def _reserve(self) -> float:
+        give_up_at = time.monotonic() + self.outage_hold_s
+        while True:
+            try:
+                return await self.pacer.reserve(self.key, self.interval_s)
+            except StoreUnavailable as error:
+                self.outage.report(error)
+                if not await self.outage.wait(give_up_at - time.monotonic()):
+                    raise
 
 
 class Unlimited:
     """For vendors without a documented limit."""
 
-    async def acquire(self) -> None:
-        return None
+    async def acquire(self) -> float:
+        return time.monotonic()
+
+    def on_time(self, slot_at: float) -> bool:
+        return True
 
 
-def _interval_s(text: str) -> float:
+def _window_s_and_amount(text: str) -> tuple[float, int]:
     item = parse(text)
-    return item.get_expiry() / item.amount
+    return float(item.get_expiry()), int(item.amount)

@@ -182,6 +182,9 @@ class Vendors:
 
     def _http_client(self) -> VendorClient:
         settings = self._settings
-        client = VendorClient(settings.concurrency, settings.http_timeout_s, self._transport)
+        client = VendorClient(
+            settings.concurrency, settings.http_timeout_s, self._transport,
+            settings.max_response_bytes,
+        )
         self._http_clients.append(client)
         return client

@@ -20,7 +20,15 @@ import httpx
 from httpx_aiohttp import AiohttpTransport
 
 USER_AGENT = "command-relay/0.1"
-BASE_HEADERS = {"User-Agent": USER_AGENT, "3rd-integration": "command-relay"}
+# Uncompressed answers: a compressed one could inflate far past the body limit in one read.
+BASE_HEADERS = {
+    "User-Agent": USER_AGENT,
+    "3rd-integration": "command-relay",
+    "Accept-Encoding": "identity",
+}
+TOO_LARGE_HEADER = "x-relay-body-too-large"  # set on an answer whose body was dropped
+# Headers that describe the body as it came over the wire, not as it is kept.
+WIRE_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 
 
 class VendorClient:
@@ -32,12 +40,16 @@ class VendorClient:
         connections: int,
         timeout_s: float,
         transport: httpx.AsyncBaseTransport | None = None,
+        max_body_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         """``transport`` lets tests swap the network; the aiohttp session behind the
-        default one is made on first use, inside the handler loop."""
+        default one is made on first use, inside the handler loop. An answer's body is
+        kept up to ``max_body_bytes`` (decoded); a larger one is dropped, and the answer
+        carries the ``x-relay-body-too-large`` header instead."""
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
         self._transport = transport or AiohttpTransport(limits=limits, trust_env=False)
         self._timeout = httpx.Timeout(timeout_s).as_dict()
+        self._max_body_bytes = max_body_bytes
 
     async def request(
         self,
@@ -58,10 +70,33 @@ class VendorClient:
         )
         response = await self._transport.handle_async_request(request)
         try:
-            await response.aread()
+            return await self._bounded(response)
         finally:
             await response.aclose()
-        return response
+
+    async def _bounded(self, response: httpx.Response) -> httpx.Response:
+        """The answer with its body read, but never more than the limit of it."""
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > self._max_body_bytes:
+                break
+            chunks.append(chunk)
+        if size <= self._max_body_bytes and not response.headers.get("content-encoding"):
+            response._content = b"".join(chunks)  # what aread() would have set
+            return response
+        headers = [(k, v) for k, v in response.headers.multi_items() if k not in WIRE_HEADERS]
+        if size > self._max_body_bytes:
+            headers.append((TOO_LARGE_HEADER, str(self._max_body_bytes)))
+            chunks = []
+        return httpx.Response(
+            response.status_code,
+            headers=headers,
+            content=b"".join(chunks),
+            request=response.request,
+            extensions=response.extensions,
+        )
 
     async def post(self, url: str, **options: Any) -> httpx.Response:
         return await self.request("POST", url, **options)
