@@ -118,3 +118,19 @@ def test_a_group_whose_publishing_failed_is_never_settled() -> None:
         pass
     channel.ack(1)
     assert log.done == []
+
+
+def test_a_group_opened_in_the_middle_of_a_publish_leaves_the_outer_one_tracked() -> None:
+    """py-amqp may hand over a delivery while a publish is being written; were its
+    settlement to open a group there, the outer delivery's later publishes still count."""
+    channel, log = FakeChannel(), Log()
+    confirms = Confirms(channel, enabled=True)
+    with confirms.group(log.on("outer acked"), log.on("outer requeued")):
+        confirms.published()  # 1: the outer delivery's event
+        publish(confirms, 1, log, "inner")  # 2: a delivery settled mid-publish
+        confirms.published()  # 3: the outer delivery's dead letter
+    channel.ack(1)
+    channel.ack(2)
+    assert log.done == ["inner acked"]
+    channel.ack(3)
+    assert log.done == ["inner acked", "outer acked"]

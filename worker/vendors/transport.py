@@ -70,11 +70,11 @@ class VendorClient:
         )
         response = await self._transport.handle_async_request(request)
         try:
-            return await self._bounded(response)
+            return await self._bounded(request, response)
         finally:
             await response.aclose()
 
-    async def _bounded(self, response: httpx.Response) -> httpx.Response:
+    async def _bounded(self, request: httpx.Request, response: httpx.Response) -> httpx.Response:
         """The answer with its body read, but never more than the limit of it."""
         chunks: list[bytes] = []
         size = 0
@@ -94,7 +94,7 @@ class VendorClient:
             response.status_code,
             headers=headers,
             content=b"".join(chunks),
-            request=response.request,
+            request=request,
             extensions=response.extensions,
         )
 
