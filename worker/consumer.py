@@ -156,6 +156,10 @@ class CommandConsumer:
             channel,
             queues=[self.topology.command_queue],
             on_message=self._on_message,
+            # kombu could not take the message apart (the embedded broker inflates a body
+            # whose headers name a compression before we see it): it is a message all the
+            # same, rejected for what it is.
+            on_decode_error=lambda message, error: self._on_message(message),
             prefetch_count=self._settings.prefetch,
         )
         with consumer, self._watching(connection):
@@ -438,8 +442,14 @@ def _count(value: object) -> int:
 
 
 def _compressed_as(message: Message) -> str | None:
-    compression = (message.headers or {}).get(f"x-relay-{COMPRESSION_HEADER}")
+    headers = message.headers or {}
+    compression = headers.get(f"x-relay-{COMPRESSION_HEADER}") or headers.get(COMPRESSION_HEADER)
     return f"compressed ({preview(compression)})" if compression else None
+
+
+def _keep_compressed(headers: object) -> None:
+    if isinstance(headers, dict) and COMPRESSION_HEADER in headers:
+        headers[f"x-relay-{COMPRESSION_HEADER}"] = headers.pop(COMPRESSION_HEADER)
 
 
 class _Consumer(KombuConsumer):  # type: ignore[misc]
@@ -447,11 +457,19 @@ class _Consumer(KombuConsumer):  # type: ignore[misc]
     bound it (a small zlib bomb becomes gigabytes). The header is renamed before kombu
     sees it, so the body stays as sent and the command is rejected as compressed."""
 
+    def __init__(self, channel: Any, **options: Any) -> None:
+        make_message = getattr(channel, "Message", None)
+        if make_message is not None:  # the embedded broker makes the message itself
+
+            def message_without_inflation(payload: Any, **kwargs: Any) -> Any:
+                _keep_compressed(payload.get("headers") if isinstance(payload, dict) else None)
+                return make_message(payload, **kwargs)
+
+            channel.Message = message_without_inflation
+        super().__init__(channel, **options)
+
     def _receive_callback(self, raw: Any) -> None:
-        properties = getattr(raw, "properties", None)  # py-amqp; the embedded broker: a dict
-        headers = properties.get("application_headers") if properties else None
-        if headers is None and isinstance(raw, dict):
-            headers = raw.get("headers")
-        if isinstance(headers, dict) and COMPRESSION_HEADER in headers:
-            headers[f"x-relay-{COMPRESSION_HEADER}"] = headers.pop(COMPRESSION_HEADER)
+        properties = getattr(raw, "properties", None)  # py-amqp's message, before kombu's
+        if isinstance(properties, dict):
+            _keep_compressed(properties.get("application_headers"))
         super()._receive_callback(raw)
