@@ -15,9 +15,9 @@ import pytest
 
 from worker.client import CommandClient
 from worker.demo import demo_commands
+from worker.sandbox import Faults, SandboxServer, ScriptedFault
 from worker.settings import Settings
 from worker.topology import Topology
-from worker.sandbox import Faults, SandboxServer, ScriptedFault
 
 from ..harness import RunningRelay, running_relay
 
@@ -292,9 +292,11 @@ def test_a_message_at_its_delivery_limit_fails_without_a_vendor_call(
     with CommandClient(amqp_url, topology) as client:
         reply_to = client.reply_queue()
         body = json.dumps({"type": "cancel-task", "params": {"task_id": 10}}).encode()
-        client.publish_raw(body, message_id="at-limit", reply_to=reply_to)
+        message_id = f"at-limit-{suffix}"  # its key too: new each run
+        client.publish_raw(body, message_id=message_id, reply_to=reply_to)
         _return_to_queue(amqp_url, topology.command_queue.name, times=3)
-        with running_relay(sandbox, broker_url=amqp_url, idempotency_url=redis_url, **names) as relay:
+        stores = {"broker_url": amqp_url, "idempotency_url": redis_url}
+        with running_relay(sandbox, **stores, **names) as relay:
             (reply,) = [r for _, r in zip(range(1), client.events(20), strict=False)]
             (kept,) = relay.dead_letters()
         _delete_queues(amqp_url, relay)
@@ -302,7 +304,7 @@ def test_a_message_at_its_delivery_limit_fails_without_a_vendor_call(
     assert event.data.outcome == "failed"
     assert event.data.error is not None and event.data.error.code == "delivery_limit"
     assert "fylr.cancel" not in sandbox.state.stats()["calls"]
-    assert kept.properties["message_id"] == "at-limit"
+    assert kept.properties["message_id"] == message_id
 
 
 def _return_to_queue(amqp_url: str, queue: str, times: int) -> None:
