@@ -7,15 +7,26 @@ at every window edge; a vendor that counts arrivals in a sliding second (ESET: 1
 in any second per account) then sees 11 when network delays shift a burst, and answers
 429s. Pacing with a margin keeps calls apart by more than the jitter of the network.
 
-Limits are written in the ``limits`` notation (``"10/second"``). The pace is kept in
-process (``memory://``) or in Redis (``redis://…``), where a Lua script reserves the slot
-atomically on the server's clock, so replicas on different hosts share one budget.
+Pacing alone is not enough where the vendor counts: what is awaited between a call's
+slot and its send (the "sent" mark, a loaded loop, the store's round trip) shifts calls
+by more than the margin. So right before it is sent a call also passes a *window gate*:
+the account's last sends are kept in a log, and a call goes only while fewer than the
+limit were sent in the window plus a guard (the margin of the window); else it waits
+until the oldest leaves. Sends that land at most the guard later than their gate keep
+every sliding window at the limit. Paced calls rarely wait at the gate.
+
+Limits are written in the ``limits`` notation (``"10/second"``). Pace and log are kept
+in process (``memory://``) or in Redis (``redis://…``), where Lua scripts reserve and
+admit atomically on the server's clock, so replicas on different hosts share one budget.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,12 +36,7 @@ from worker.errors import StoreUnavailable
 from worker.outage import Outage
 
 KEY_PREFIX = "relay:pace:"
-# A call that leaves later than this after its slot gives the slot up and takes the next
-# one: as a share of the pacing margin, so a late call never lands within one window of
-# the calls after it (ESET counts arrivals in any sliding second). Bounded, so a loaded
-# loop slows calls down rather than stopping them.
-LATE_SHARE_OF_MARGIN = 0.5
-MAX_LATE_RETAKES = 3
+LOG_KEY_PREFIX = "relay:sent:"
 
 # Reserve the next free moment of a key: returns the seconds to wait (as a string, Lua
 # numbers are returned as integers). KEYS[1]: the account; ARGV[1]: interval in seconds.
@@ -44,10 +50,31 @@ redis.call('SET', KEYS[1], tostring(free_at + interval),
 return tostring(free_at - now)
 """
 
+# Admit one send of a key if fewer than ARGV[1] were admitted in the last ARGV[2] seconds:
+# returns "0" (admitted, and logged), else the seconds until the oldest leaves the window.
+ADMIT_SCRIPT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000) + 1000)
+  return '0'
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return tostring(math.max(tonumber(oldest[2]) + window - now, 0.001))
+"""
+
 
 class Pacer(Protocol):
     async def reserve(self, key: str, interval_s: float) -> float:
         """Reserve the next slot of ``key``; the seconds to wait for it."""
+        ...
+
+    async def admit(self, key: str, amount: int, window_s: float) -> float:
+        """Log one send of ``key`` if fewer than ``amount`` went in the last ``window_s``
+        and return 0; else the seconds to wait before asking again."""
         ...
 
     async def ping(self) -> None:
@@ -60,12 +87,23 @@ class MemoryPacer:
 
     def __init__(self) -> None:
         self._free_at: dict[str, float] = {}
+        self._sent: dict[str, deque[float]] = {}
 
     async def reserve(self, key: str, interval_s: float) -> float:
         now = time.monotonic()
         free_at = max(self._free_at.get(key, 0.0), now)
         self._free_at[key] = free_at + interval_s
         return free_at - now
+
+    async def admit(self, key: str, amount: int, window_s: float) -> float:
+        now = time.monotonic()
+        sent = self._sent.setdefault(key, deque())
+        while sent and sent[0] <= now - window_s:
+            sent.popleft()
+        if len(sent) < amount:
+            sent.append(now)
+            return 0.0
+        return max(sent[0] + window_s - now, 0.001)
 
     async def ping(self) -> None:
         return None
@@ -84,10 +122,18 @@ class RedisPacer:
             url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
         )
         self._reserve = self._redis.register_script(RESERVE_SCRIPT)
+        self._admit = self._redis.register_script(ADMIT_SCRIPT)
 
     async def reserve(self, key: str, interval_s: float) -> float:
         try:
             return float(await self._reserve(keys=[KEY_PREFIX + key], args=[repr(interval_s)]))
+        except self._unreachable as error:
+            raise StoreUnavailable("rate-limit", error) from error
+
+    async def admit(self, key: str, amount: int, window_s: float) -> float:
+        args: list[str | int] = [amount, repr(window_s), uuid.uuid4().hex]
+        try:
+            return float(await self._admit(keys=[LOG_KEY_PREFIX + key], args=args))
         except self._unreachable as error:
             raise StoreUnavailable("rate-limit", error) from error
 
@@ -105,12 +151,10 @@ class RateLimits:
         self, limits_by_vendor: dict[str, str], storage_url: str = "memory://",
         margin: float = 0.03, outage: Outage | None = None, outage_hold_s: float = 600.0,
     ) -> None:
-        self._interval_s: dict[str, float] = {}
-        self._late_s: dict[str, float] = {}
+        self._limits: dict[str, tuple[float, int]] = {}
         for vendor, text in limits_by_vendor.items():
             window_s, amount = _window_s_and_amount(text)
-            self._interval_s[vendor] = window_s / amount * (1 + margin)
-            self._late_s[vendor] = window_s * margin * LATE_SHARE_OF_MARGIN
+            self._limits[vendor] = (window_s * (1 + margin), amount)
         self.pacer: Pacer = MemoryPacer() if storage_url == "memory://" else RedisPacer(
             storage_url
         )
@@ -119,11 +163,12 @@ class RateLimits:
 
     def slot(self, vendor: str, account: str) -> RateSlot | Unlimited:
         """The slot one vendor account's calls wait for."""
-        interval_s = self._interval_s.get(vendor)
-        if interval_s is None:
+        limit = self._limits.get(vendor)
+        if limit is None:
             return Unlimited()
+        guarded_window_s, amount = limit
         return RateSlot(
-            self.pacer, f"{vendor}:{account}", interval_s, self._late_s[vendor],
+            self.pacer, f"{vendor}:{account}", guarded_window_s, amount,
             self._outage, self._outage_hold_s,
         )
 
@@ -132,35 +177,36 @@ class RateLimits:
 class RateSlot:
     pacer: Pacer
     key: str
-    interval_s: float
-    late_s: float  # a call later than this after its slot takes a new one
+    window_s: float  # the vendor's window plus the guard (the margin)
+    amount: int  # calls allowed in the window
     outage: Outage
     outage_hold_s: float  # how long a call waits for an unreachable pace store
 
-    async def acquire(self) -> float:
-        """Return at this call's moment (a ``time.monotonic`` reading, given back); the
-        slot is taken once it is reserved. A wake-up later than ``late_s`` takes the next
-        slot instead, a few times at most (a loaded loop then slows calls down)."""
-        for _ in range(MAX_LATE_RETAKES):
-            asked_at = time.monotonic()
-            wait_s = await self._reserve()
-            # From before the reservation was asked: never later than the true moment.
-            slot_at = asked_at + max(wait_s, 0.0)
-            if wait_s > 0:
-                await asyncio.sleep(wait_s)
-            if self.on_time(slot_at):
-                break
-        return slot_at
+    @property
+    def interval_s(self) -> float:
+        return self.window_s / self.amount
 
-    def on_time(self, slot_at: float) -> bool:
-        """Whether a call sent now is close enough to its slot."""
-        return time.monotonic() - slot_at <= self.late_s
+    async def acquire(self) -> None:
+        """Wait for this call's paced moment; the slot is taken once it is reserved."""
+        wait_s = await self._held(lambda: self.pacer.reserve(self.key, self.interval_s))
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
 
-    async def _reserve(self) -> float:
+    async def admit(self) -> None:
+        """Return once the call may be sent now; send it at once (nothing awaited)."""
+        while True:
+            wait_s = await self._held(
+                lambda: self.pacer.admit(self.key, self.amount, self.window_s)
+            )
+            if wait_s <= 0:
+                return
+            await asyncio.sleep(wait_s)
+
+    async def _held(self, ask: Callable[[], Awaitable[float]]) -> float:
         give_up_at = time.monotonic() + self.outage_hold_s
         while True:
             try:
-                return await self.pacer.reserve(self.key, self.interval_s)
+                return await ask()
             except StoreUnavailable as error:
                 self.outage.report(error)
                 if not await self.outage.wait(give_up_at - time.monotonic()):
@@ -170,11 +216,11 @@ class RateSlot:
 class Unlimited:
     """For vendors without a documented limit."""
 
-    async def acquire(self) -> float:
-        return time.monotonic()
+    async def acquire(self) -> None:
+        return None
 
-    def on_time(self, slot_at: float) -> bool:
-        return True
+    async def admit(self) -> None:
+        return None
 
 
 def _window_s_and_amount(text: str) -> tuple[float, int]:

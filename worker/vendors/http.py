@@ -93,9 +93,9 @@ class Auth(Protocol):
 class RateSlot(Protocol):
     """Waits until the vendor account may be called once more."""
 
-    async def acquire(self) -> float: ...
+    async def acquire(self) -> None: ...
 
-    def on_time(self, slot_at: float) -> bool: ...
+    async def admit(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -169,14 +169,13 @@ class VendorHttp:
         if response_id is not None:
             headers["response-id"] = response_id
         waited_from = time.monotonic()
-        while True:
-            slot_at = await self.rate_slot.acquire()
-            if request.is_mutation:
-                await budget.mark_first_mutation()
-            # What was awaited since the slot (the mark, a loaded loop) must not bunch
-            # calls up: the vendor counts arrivals in a sliding window. Late: a new slot.
-            if self.rate_slot.on_time(slot_at):
-                break
+        await self.rate_slot.acquire()
+        if request.is_mutation:
+            await budget.mark_first_mutation()
+        # The vendor counts arrivals in a sliding window: what was awaited since the slot
+        # (the mark, a loaded loop) must not bunch calls up, so the last word is the
+        # window gate's, and nothing is awaited between it and the send.
+        await self.rate_slot.admit()
         sent_at = time.monotonic()
         metrics.rate_limit_wait.record(sent_at - waited_from, {"relay.vendor": request.vendor})
         with self.telemetry.tracer.start_as_current_span(
