@@ -16,9 +16,9 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pika
@@ -75,6 +75,12 @@ class Names:
         """The queue the scenario collects every result event in."""
         return f"{self.prefix}.observed-events"
 
+    @property
+    def replies(self) -> str:
+        """The ``reply_to`` queue of messages a scenario follows by ``correlation_id``
+        (the worker answers on reply queues named ``relay.replies.…`` only)."""
+        return f"relay.replies.{self.prefix}"
+
     def worker_env(self) -> dict[str, str]:
         return {
             "RELAY_COMMAND_EXCHANGE": self.command_exchange,
@@ -128,10 +134,29 @@ class Admin:
             channel.queue_declare(self.names.observed_events, durable=True)
             channel.queue_bind(self.names.observed_events, self.names.event_exchange, "#")
 
+    def declare_replies(self) -> None:
+        """The durable ``reply_to`` queue of the scenario (:attr:`Names.replies`)."""
+        with self.channel() as channel:
+            channel.queue_declare(self.names.replies, durable=True)
+
+    def drain(self, queue: str, limit: int = 100_000) -> list[tuple[Any, bytes]]:
+        """Take every message out of ``queue`` (properties, body); [] when it is gone."""
+        taken: list[tuple[Any, bytes]] = []
+        try:
+            with self.channel() as channel:
+                while len(taken) < limit:
+                    method, properties, body = channel.basic_get(queue, auto_ack=True)
+                    if method is None:
+                        break
+                    taken.append((properties, body))
+        except pika.exceptions.ChannelClosedByBroker:
+            pass
+        return taken
+
     def delete_everything(self, ctl: RabbitCtl | None) -> None:
         """Delete the scenario's queues and exchanges, also those the worker derives from
         its settings (delay queues) and, with ``ctl``, any other under the prefix."""
-        queues = {self.names.observed_events, *self._worker_queues()}
+        queues = {self.names.observed_events, self.names.replies, *self._worker_queues()}
         exchanges = {self.names.command_exchange, self.names.event_exchange}
         if ctl is not None:
             queues |= set(ctl.names("list_queues", self.names.prefix))
@@ -153,38 +178,94 @@ class Admin:
         return queues | {queue.name for queue in delay_queues.values()}
 
 
-def publish(amqp_url: str, exchange: str, commands: Iterable[dict[str, Any]]) -> None:
-    """Publish each command (persistent, confirmed, routing key = type) to ``exchange``."""
+@dataclass(frozen=True)
+class RawMessage:
+    """A message published as it is, whatever its body and properties hold (a publisher's
+    mistake or an attack); ``properties`` are :class:`pika.BasicProperties` fields, and
+    may hold bytes where AMQP wants UTF-8 text."""
+
+    body: bytes
+    properties: dict[str, Any] = field(default_factory=dict)
+    routing_key: str = "raw"
+
+
+Publishable = dict[str, Any] | RawMessage
+
+
+def publish(
+    amqp_url: str,
+    exchange: str,
+    commands: Iterable[Publishable],
+    published: Callable[[Publishable], None] | None = None,
+) -> None:
+    """Publish each command (persistent, confirmed, routing key = type) to ``exchange``;
+    a :class:`RawMessage` goes out as it is. ``published`` is told of each confirmed one."""
     connection = pika.BlockingConnection(pika_parameters(amqp_url))
     try:
         channel = connection.channel()
         channel.confirm_delivery()
         for command in commands:
-            channel.basic_publish(
-                exchange=exchange,
-                routing_key=command["type"],
-                body=json.dumps(command).encode(),
-                properties=pika.BasicProperties(
+            if isinstance(command, RawMessage):
+                routing_key, body = command.routing_key, command.body
+                properties = pika.BasicProperties(
+                    **{"delivery_mode": pika.DeliveryMode.Persistent, **command.properties}
+                )
+            else:
+                routing_key, body = command["type"], json.dumps(command).encode()
+                properties = pika.BasicProperties(
                     content_type="application/json",
                     delivery_mode=pika.DeliveryMode.Persistent,
                     message_id=command["id"],
-                ),
+                )
+            channel.basic_publish(
+                exchange=exchange,
+                routing_key=routing_key,
+                body=body,
+                properties=properties,
                 mandatory=True,  # an unroutable command raises instead of vanishing
             )
+            if published is not None:
+                published(command)
     finally:
         with suppress(*CONNECTION_ERRORS):
             connection.close()
 
 
+def publish_paced(
+    amqp_url: str,
+    exchange: str,
+    commands: list[dict[str, Any]],
+    rate_per_s: float,
+    published: Callable[[Publishable], None] | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """:func:`publish`, one command every ``1 / rate_per_s`` seconds (a steady stream;
+    a late one is sent at once, the schedule is kept), until ``stop`` is set."""
+    started_at = time.monotonic()
+    stop = stop or threading.Event()
+
+    def on_schedule() -> Iterator[dict[str, Any]]:
+        for index, command in enumerate(commands):
+            if stop.wait(max(0.0, started_at + index / rate_per_s - time.monotonic())):
+                return
+            yield command
+
+    publish(amqp_url, exchange, on_schedule(), published)
+
+
 def publish_in_parallel(
-    amqp_url: str, exchange: str, commands: list[dict[str, Any]], connections: int = 4
+    amqp_url: str,
+    exchange: str,
+    commands: list[Publishable],
+    connections: int = 4,
+    published: Callable[[Publishable], None] | None = None,
 ) -> None:
     """:func:`publish` over several connections at once (confirms are per message)."""
     errors: list[BaseException] = []
 
-    def publish_share(share: list[dict[str, Any]]) -> None:
+    def publish_share(share: list[Publishable]) -> None:
         try:
-            publish(amqp_url, exchange, share)
+            publish(amqp_url, exchange, share, published)
         except BaseException as error:
             errors.append(error)
 
@@ -233,12 +314,17 @@ class EventCollector:
     """Consumes the observer queue on a thread of its own, reconnecting when the broker
     goes away; events redelivered after a reconnect are counted once (by event id)."""
 
-    def __init__(self, amqp_url: str, queue: str) -> None:
-        self._parameters = pika_parameters(amqp_url)
+    # Errors after which consuming starts again on a new connection.
+    errors: tuple[type[BaseException], ...] = CONNECTION_ERRORS
+
+    def __init__(self, url: str, queue: str) -> None:
+        self._url = url
         self._queue = queue
         self._lock = threading.Lock()
         self._events: dict[str, SeenEvent] = {}
         self._by_command: dict[str, list[SeenEvent]] = {}
+        self._by_correlation: dict[str, list[SeenEvent]] = {}
+        self._first_seen: dict[str, float] = {}  # command id -> monotonic time
         self.reconnects = 0
         self.undecodable = 0
         self._stop = threading.Event()
@@ -255,27 +341,27 @@ class EventCollector:
         while not self._stop.is_set():
             try:
                 self._consume()
-            except CONNECTION_ERRORS:
+            except self.errors:
                 self.reconnects += 1
                 self._stop.wait(RECONNECT_PAUSE_S)
 
     def _consume(self) -> None:
-        connection = pika.BlockingConnection(self._parameters)
+        connection = pika.BlockingConnection(pika_parameters(self._url))
         try:
             channel = connection.channel()
             channel.basic_qos(prefetch_count=1000)
-            for method, _, body in channel.consume(self._queue, inactivity_timeout=0.2):
+            for method, properties, body in channel.consume(self._queue, inactivity_timeout=0.2):
                 if self._stop.is_set():
                     break
                 if method is None:
                     continue
-                self._add(body)
+                self._add(body, getattr(properties, "correlation_id", None))
                 channel.basic_ack(method.delivery_tag)
         finally:
             with suppress(*CONNECTION_ERRORS):
                 connection.close()
 
-    def _add(self, body: bytes) -> None:
+    def _add(self, body: bytes, correlation_id: object = None) -> None:
         try:
             seen = SeenEvent.from_body(body)
         except (ValueError, KeyError, TypeError):
@@ -287,6 +373,9 @@ class EventCollector:
                 return
             self._events[seen.event_id] = seen
             self._by_command.setdefault(seen.command_id, []).append(seen)
+            self._first_seen.setdefault(seen.command_id, time.monotonic())
+            if isinstance(correlation_id, str):
+                self._by_correlation.setdefault(correlation_id, []).append(seen)
 
     def answered(self, command_ids: Iterable[str]) -> int:
         """How many of ``command_ids`` have at least one event."""
@@ -296,6 +385,16 @@ class EventCollector:
     def by_command(self) -> dict[str, list[SeenEvent]]:
         with self._lock:
             return {command_id: list(seen) for command_id, seen in self._by_command.items()}
+
+    def by_correlation(self) -> dict[str, list[SeenEvent]]:
+        """Events by the ``correlation_id`` they arrived with (reply queues)."""
+        with self._lock:
+            return {key: list(seen) for key, seen in self._by_correlation.items()}
+
+    def first_seen(self) -> dict[str, float]:
+        """When (``time.monotonic()``) the first event of each command id arrived."""
+        with self._lock:
+            return dict(self._first_seen)
 
     @property
     def count(self) -> int:

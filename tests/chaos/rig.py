@@ -25,7 +25,17 @@ from urllib.parse import urlparse, urlunparse
 
 import redis
 
-from .broker import CONNECTION_ERRORS, Admin, EventCollector, Names, RabbitCtl, publish_in_parallel
+from .broker import (
+    CONNECTION_ERRORS,
+    Admin,
+    EventCollector,
+    Names,
+    Publishable,
+    RabbitCtl,
+    publish,
+    publish_in_parallel,
+    publish_paced,
+)
 from .figures import Figures, Workload, compute
 from .processes import Fleet, SandboxProcess, tenants_json
 
@@ -54,11 +64,14 @@ class ChaosRig:
         self.sandbox: SandboxProcess | None = None
         self.fleet: Fleet | None = None
         self.collector: EventCollector | None = None
+        self.replies: EventCollector | None = None  # the reply_to queue, when observed
+        self.published_at: dict[str, float] = {}  # command id -> monotonic, once confirmed
         self.rabbit_stopped = False
         self.started_at = 0.0
         self.answered_at: float | None = None
         self.extra: dict[str, Any] = {}
         self._publisher: threading.Thread | None = None
+        self._stop_publishing = threading.Event()  # ends a paced stream early (teardown)
         self._publish_error: BaseException | None = None
         with redis.Redis.from_url(self.redis_url) as client:
             client.flushdb()
@@ -115,27 +128,61 @@ class ChaosRig:
         self.collector = EventCollector(self.amqp_url, self.names.observed_events)
         self.collector.start()
 
+    def observe_replies(self) -> str:
+        """Declare and consume the scenario's ``reply_to`` queue (events by
+        ``correlation_id``, in :attr:`replies`); returns its name."""
+        self.admin.declare_replies()
+        self.replies = EventCollector(self.amqp_url, self.names.replies)
+        self.replies.start()
+        return self.names.replies
+
     def sandbox_faults(self, **faults: Any) -> None:
         """Switch vendor faults on (``Faults`` fields); they apply to every later call."""
         assert self.sandbox is not None
         self.sandbox.set_faults(**faults)
         self.extra["faults"] = faults
 
-    def publish(self, workload: Workload, *, background: bool = False) -> None:
+    def publish(
+        self, workload: Workload, *, background: bool = False, rate_per_s: float | None = None
+    ) -> None:
         """Publish every command (confirmed); the scenario clock starts here. In the
-        background, :meth:`run_until_answered` runs its chaos while commands still go out."""
+        background, :meth:`run_until_answered` runs its chaos while commands still go out.
+        With ``rate_per_s``, a steady stream on one connection instead of all at once."""
+        url, exchange, commands = self.amqp_url, self.names.command_exchange, workload.commands
+
+        def send() -> None:
+            if rate_per_s is None:
+                publish_in_parallel(url, exchange, list(commands), published=self._sent)
+            else:
+                publish_paced(
+                    url, exchange, commands, rate_per_s, self._sent, self._stop_publishing
+                )
+
+        self._start_publishing(send, background)
+
+    def publish_items(self, items: list[Publishable], *, background: bool = False) -> None:
+        """Commands and raw messages (:class:`~.broker.RawMessage`), confirmed, over one
+        connection so that they arrive in the order given; the scenario clock starts here."""
+        url, exchange = self.amqp_url, self.names.command_exchange
+        self._start_publishing(lambda: publish(url, exchange, items, self._sent), background)
+
+    def _sent(self, item: Publishable) -> None:
+        if isinstance(item, dict):
+            self.published_at[item["id"]] = time.monotonic()
+
+    def _start_publishing(self, send: Callable[[], None], background: bool) -> None:
         self.started_at = time.monotonic()
         if not background:
-            self._publish(workload)
+            self._publish(send)
             return
         self._publisher = threading.Thread(
-            target=self._publish, args=(workload,), name="publisher", daemon=True
+            target=self._publish, args=(send,), name="publisher", daemon=True
         )
         self._publisher.start()
 
-    def _publish(self, workload: Workload) -> None:
+    def _publish(self, send: Callable[[], None]) -> None:
         try:
-            publish_in_parallel(self.amqp_url, self.names.command_exchange, workload.commands)
+            send()
         except BaseException as error:
             self._publish_error = error
             raise
@@ -157,14 +204,20 @@ class ChaosRig:
         """Wait until every command has an event (True) or ``timeout_s`` has passed,
         calling ``chaos`` on the way; replicas that die on their own are started again
         (and counted as crashes)."""
+        total = len(workload.commands)
+        return self.run_until(lambda: self.answered(workload) == total, timeout_s, chaos)
+
+    def run_until(
+        self, done: Callable[[], bool], timeout_s: float, chaos: Chaos | None = None
+    ) -> bool:
+        """:meth:`run_until_answered` with a condition of the scenario's own."""
         assert self.fleet is not None
         give_up_at = self.started_at + timeout_s
-        total = len(workload.commands)
         while time.monotonic() < give_up_at:
             if self._publish_error is not None:
                 raise AssertionError("publishing failed") from self._publish_error
             self.fleet.check_alive()
-            if self.answered(workload) == total:
+            if done():
                 self.answered_at = time.monotonic()
                 return True
             if chaos is not None:
@@ -244,10 +297,12 @@ class ChaosRig:
             raise errors[0]
 
     def _stop_observers(self) -> None:
+        self._stop_publishing.set()
         if self._publisher is not None:
             self._publisher.join(30)
-        if self.collector is not None:
-            self.collector.stop()
+        for collector in (self.collector, self.replies):
+            if collector is not None:
+                collector.stop()
 
     def _kill_fleet(self) -> None:
         if self.fleet is not None:

@@ -1,8 +1,10 @@
 """ESET's 10 calls/s per account."""
 
+from typing import Any
+
 import httpx
 
-from worker.sandbox import Faults, SandboxServer, ScriptedFault
+from worker.sandbox import Faults, SandboxConfig, SandboxServer, SandboxState, ScriptedFault
 
 PATCHING = "/eset/eu/patch-management/v1/application-patching-processes/recent/details"
 TOKEN = "/eset/eu/business-account.iam/oauth/token"
@@ -55,3 +57,85 @@ def test_collects_count_as_calls(
         client.get(PATCHING, headers=collect_headers)
 
     assert client.get(PATCHING, headers=collect_headers).status_code == 429
+
+
+# --- the busiest second, refused calls included ---
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def eset_peak(stats: dict[str, Any], account: str = SandboxConfig().eset_username) -> int:
+    """The busiest second of one ESET account (the sandbox's default user by default)."""
+    return int(stats["max_calls_in_window"]["eset"][account])
+
+
+def test_eleven_calls_within_a_second_are_seen_as_eleven(
+    sandbox: SandboxServer, client: httpx.Client, eset_headers: dict[str, str]
+) -> None:
+    statuses = [client.get(PATCHING, headers=eset_headers).status_code for _ in range(11)]
+
+    assert statuses == [200] * 10 + [429]  # the refusal is unchanged
+    stats = client.get("/_sandbox/stats").json()  # what the chaos rig reads
+    assert eset_peak(stats) == 11
+    assert eset_peak(sandbox.state.stats()) == 11
+
+
+def test_refused_calls_count_as_arrivals() -> None:
+    clock = FakeClock()
+    state = SandboxState(SandboxConfig(), clock=clock)
+    admitted = []
+    for _ in range(25):  # 25 calls in 0.24 s
+        admitted.append(state.admit("eset", "acct"))
+        clock.now += 0.01
+
+    assert admitted == [True] * 10 + [False] * 15
+    assert state.stats()["max_calls_in_window"] == {"eset": {"acct": 25}}
+
+
+def test_calls_spaced_0_11_s_apart_are_ten_per_window() -> None:
+    clock = FakeClock()
+    state = SandboxState(SandboxConfig(), clock=clock)
+    for index in range(30):
+        clock.now = 1000.0 + index * 0.11
+        assert state.admit("eset", "acct")
+
+    assert state.stats()["max_calls_in_window"]["eset"] == {"acct": 10}
+
+
+def test_a_call_exactly_one_window_later_starts_a_new_window() -> None:
+    clock = FakeClock()
+    state = SandboxState(SandboxConfig(), clock=clock)
+    for index in range(20):  # every 0.1 s: (t - 1, t] holds 10 calls, never 11
+        clock.now = 1000.0 + index / 10
+        state.admit("eset", "acct")
+
+    assert eset_peak(state.stats(), "acct") == 10
+
+
+def test_peaks_are_per_account_and_per_vendor() -> None:
+    clock = FakeClock()
+    state = SandboxState(SandboxConfig(), clock=clock)
+    for _ in range(3):
+        state.admit("eset", "a")
+    for _ in range(5):
+        state.admit("eset", "b")
+    for _ in range(12):  # fylr has no limit: nothing refused, still counted
+        assert state.admit("fylr", "a")
+
+    assert state.stats()["max_calls_in_window"] == {
+        "eset": {"a": 3, "b": 5},
+        "fylr": {"a": 12},
+    }
+
+
+def test_reset_forgets_the_peaks(sandbox: SandboxServer) -> None:
+    sandbox.state.admit("eset", "acct")
+    sandbox.state.reset()
+
+    assert sandbox.state.stats()["max_calls_in_window"] == {}

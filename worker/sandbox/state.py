@@ -73,9 +73,14 @@ class SandboxState:
             self._tokens.revoke_access()
 
     def stats(self) -> dict[str, Any]:
-        """calls, statuses and effects per route, collects and throttled counts."""
+        """calls, statuses and effects per route, collects and throttled counts, and
+        `max_calls_in_window`: per vendor and account, the most calls that arrived
+        (admitted or refused with 429) within any sliding second."""
         with self._lock:
-            return self._counters.snapshot()
+            peaks: dict[str, dict[str, int]] = {
+                vendor: limiter.peaks() for vendor, limiter in self._limiters.items()
+            }
+            return self._counters.snapshot(max_calls_in_window=peaks)
 
     # --- per call ---
 

@@ -1,7 +1,7 @@
 """Counters a test or demo reads to see what the vendors saw."""
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 
@@ -30,12 +30,22 @@ class Counters:
         """One ESET collect (a request carrying `response-id`)."""
         self._collects += 1
 
-    def snapshot(self) -> dict[str, Any]:
-        """A plain-dict copy, safe to keep and to serialise as JSON."""
+    def snapshot(
+        self, max_calls_in_window: Mapping[str, Mapping[str, int]] | None = None
+    ) -> dict[str, Any]:
+        """A plain-dict copy, safe to keep and to serialise as JSON.
+
+        `max_calls_in_window` (vendor -> account -> calls), kept by the rate limiters, is
+        included with the vendors that saw calls.
+        """
+        peaks = max_calls_in_window or {}
         return {
             "calls": dict(self._calls),
             "statuses": {route: dict(counts) for route, counts in self._statuses.items()},
             "effects": {route: dict(counts) for route, counts in self._effects.items()},
             "collects": self._collects,
             "throttled": self._throttled,
+            "max_calls_in_window": {
+                vendor: dict(accounts) for vendor, accounts in peaks.items() if accounts
+            },
         }
