@@ -153,6 +153,23 @@ def test_taking_over_after_a_send_says_so(store_url: str, key: str) -> None:
     asyncio.run(scenario())
 
 
+def test_taking_over_a_collect_gives_the_response_id(store_url: str, key: str) -> None:
+    """A holder that died collecting a 202 leaves its response-id for the next one."""
+
+    async def scenario() -> None:
+        async with stores(store_url, lease_s=0.05) as (store,):
+            await store.claim(key, FP, "worker-1")
+            assert await store.mark_accepted(key, "worker-2", "r-1") is False
+            assert await store.mark_accepted(key, "worker-1", "r-1") is True
+            await asyncio.sleep(0.1)
+            taken = await store.claim(key, FP, "worker-2")
+            assert taken == Claimed(after_send=True, response_id="r-1")
+            await asyncio.sleep(0.1)  # the taker died too, before it did anything
+            assert await store.claim(key, FP, "worker-3") == taken
+
+    asyncio.run(scenario())
+
+
 def test_only_the_holder_can_renew_or_mark(store_url: str, key: str) -> None:
     async def scenario() -> None:
         async with stores(store_url, lease_s=0.05) as (store,):

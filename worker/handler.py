@@ -33,7 +33,7 @@ from worker.outage import Outage
 from worker.results import CommandFields, now, outcome_of, rejection, result_event
 from worker.retries import RetryPolicy
 from worker.vendors import Vendors
-from worker.vendors.http import CallBudget
+from worker.vendors.http import CallBudget, VendorReply
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +131,14 @@ class Handler:
                     return Settlement.for_event(replay_for(command.command_id, stored))
                 case Conflict():
                     return await self._store_rejection(_digest(command), self._conflict(command))
-                case Claimed(after_send=True) if command.type not in READ_ONLY_TYPES:
+                case Claimed(after_send=True, response_id=None) if (
+                    command.type not in READ_ONLY_TYPES
+                ):
                     return await self._after_dead_holder(command)
-                case Claimed():
+                case Claimed(response_id=response_id):
+                    # With a response_id the dead holder's 202 is collected, not resent.
                     try:
-                        return await self._run_claimed(command, deadline, delivery)
+                        return await self._run_claimed(command, deadline, delivery, response_id)
                     except _ClaimLost:
                         continue  # another worker has the key now: see what it says
                 case InProgress(lease_left_s=lease_left_s):
@@ -200,7 +203,11 @@ class Handler:
         return self._policy.clock() + budget_s
 
     async def _run_claimed(
-        self, command: Command, deadline: float, delivery: DeliveryInfo
+        self,
+        command: Command,
+        deadline: float,
+        delivery: DeliveryInfo,
+        accepted_as: str | None = None,
     ) -> Settlement:
         started_at = now()
         retry_deadline = deadline
@@ -210,13 +217,14 @@ class Handler:
             deadline=deadline,
             retry_deadline=retry_deadline,
             before_first_mutation=lambda: self._mark_sent(command.key),
+            on_accepted=lambda response_id: self._mark_accepted(command.key, response_id),
         )
         renewing = asyncio.create_task(self._keep_lease(command.key))
         try:
             if delivery.last_delivery:
                 event = self._delivery_limit_reached(command, started_at, delivery)
             else:
-                event = await self._execute(command, budget, started_at, delivery)
+                event = await self._execute(command, budget, started_at, delivery, accepted_as)
         except _ClaimLost:
             raise  # not ours to release
         except _RetryLater as later:
@@ -226,7 +234,10 @@ class Handler:
                 delivery.attempts + budget.attempts,
             )
         except BaseException:
-            await self._release(command.key)  # let a redelivery retry
+            # Let a redelivery retry; but a 202'd request stays claimed (with its
+            # response-id), so whoever takes it next collects it instead of resending.
+            if budget.accepted_as is None:
+                await self._release(command.key)
             raise
         finally:
             renewing.cancel()
@@ -244,11 +255,16 @@ class Handler:
             await self._store.release(key, self._owner)
 
     async def _execute(
-        self, command: Command, budget: CallBudget, started_at: datetime, delivery: DeliveryInfo
+        self,
+        command: Command,
+        budget: CallBudget,
+        started_at: datetime,
+        delivery: DeliveryInfo,
+        accepted_as: str | None,
     ) -> ResultEvent:
         fields = _event_fields(command)
         try:
-            reply = await self._vendors.execute(command, budget)
+            reply = await self._send_or_collect(command, budget, accepted_as)
         except RelayError as error:
             delay_s = self._next_delay_s(command, delivery) if error.retryable else None
             if delay_s is not None:
@@ -274,6 +290,25 @@ class Handler:
             attempts=delivery.attempts + budget.attempts,
             reply=reply,
         )
+
+    async def _send_or_collect(
+        self, command: Command, budget: CallBudget, accepted_as: str | None
+    ) -> VendorReply:
+        if accepted_as is None:
+            return await self._vendors.execute(command, budget)
+        # Taken over from a holder that died collecting a 202: keep the response-id with
+        # this claim too, then collect the answer it was waiting for.
+        log.info("collecting a dead holder's 202", extra=dict(_event_fields(command)))
+        budget.accepted_as = accepted_as
+        await self._mark_accepted(command.key, accepted_as)
+        return await self._vendors.collect(command, accepted_as, budget)
+
+    async def _mark_accepted(self, key: str, response_id: str) -> None:
+        marked = await self._held_through_outage(
+            lambda: self._store.mark_accepted(key, self._owner, response_id)
+        )
+        if not marked:
+            raise _ClaimLost(key)
 
     async def _mark_sent(self, key: str) -> None:
         # A worker starved for longer than its lease may have lost the key to another one,

@@ -10,7 +10,8 @@ retention period.
 ``claim`` answers what happened, atomically, and races are settled by the store:
 
 * :class:`Claimed`: this worker now holds the key and must do the work; ``after_send``
-  says it took the key over from a holder that died after it may have called the vendor;
+  says it took the key over from a holder that died after it may have called the vendor,
+  and ``response_id`` the ESET 202 that holder was collecting, if it got that far;
 * :class:`InProgress`: a live holder is doing it: defer, do not call the vendor;
 * :class:`Completed`: done before: replay the stored event;
 * :class:`Conflict`: the key was used for a different payload: reject.
@@ -38,6 +39,7 @@ from worker.errors import StoreUnavailable
 @dataclass(frozen=True)
 class Claimed:
     after_send: bool = False  # taken over from a holder that had (maybe) sent the mutation
+    response_id: str | None = None  # the vendor's 202 that holder was collecting
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,12 @@ class IdempotencyStore(Protocol):
         ``owner`` no longer holds the claim (it must then not send)."""
         ...
 
+    async def mark_accepted(self, key: str, owner: str, response_id: str) -> bool:
+        """Record the vendor's 202 ``response-id`` (and "sent") before collecting it, so a
+        worker that takes the key over collects it instead of giving the result up;
+        False when ``owner`` no longer holds the claim."""
+        ...
+
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -102,7 +110,8 @@ def open_store(url: str, lease_s: float, retention_s: float) -> IdempotencyStore
     raise ValueError(f"unsupported idempotency store URL {url!r}: use sqlite:/// or redis://")
 
 
-Record = tuple[str, str, float, str | None, bool]  # fingerprint, owner, lease, event, sent
+# fingerprint, owner, lease, event, sent, response_id
+Record = tuple[str, str, float, str | None, bool, str | None]
 
 
 def _decide(row: Record | None, fingerprint: str, now: float) -> ClaimResult:
@@ -110,14 +119,15 @@ def _decide(row: Record | None, fingerprint: str, now: float) -> ClaimResult:
     the caller takes the key."""
     if row is None:
         return Claimed()
-    stored_fingerprint, holder, lease_until, event, sent = row
+    stored_fingerprint, holder, lease_until, event, sent, response_id = row
     if stored_fingerprint != fingerprint:
         return Conflict()
     if event is not None:
         return Completed(ResultEvent.model_validate_json(event))
     if lease_until > now:
         return InProgress(holder, lease_until - now)
-    return Claimed(after_send=sent)  # the holder's lease ran out: take over
+    # The holder's lease ran out: take over.
+    return Claimed(after_send=sent, response_id=response_id if sent else None)
 
 
 class SqliteStore:
@@ -138,8 +148,11 @@ class SqliteStore:
         db.execute(
             "CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,"
             " owner TEXT NOT NULL, lease_until REAL NOT NULL, event TEXT,"
-            " expires_at REAL NOT NULL, sent INTEGER NOT NULL DEFAULT 0)"
+            " expires_at REAL NOT NULL, sent INTEGER NOT NULL DEFAULT 0, response_id TEXT)"
         )
+        columns = {row[1] for row in db.execute("PRAGMA table_info(claims)")}
+        if "response_id" not in columns:  # a file from before 202s were kept with the claim
+            db.execute("ALTER TABLE claims ADD COLUMN response_id TEXT")
         return db
 
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -157,16 +170,18 @@ class SqliteStore:
         self._db.execute("BEGIN IMMEDIATE")  # other processes on this file wait here
         try:
             row = self._db.execute(
-                "SELECT fingerprint, owner, lease_until, event, sent FROM claims"
+                "SELECT fingerprint, owner, lease_until, event, sent, response_id FROM claims"
                 " WHERE key = ? AND expires_at > ?",
                 (key, now),
             ).fetchone()
-            record: Record | None = (*row[:4], bool(row[4])) if row else None
+            record: Record | None = (*row[:4], bool(row[4]), row[5]) if row else None
             decided = _decide(record, fingerprint, now)
             if isinstance(decided, Claimed):
+                # A taker inherits what a dead holder may have set going ("sent", a 202).
                 self._db.execute(
-                    "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, NULL, ?, 0)",
-                    (key, fingerprint, owner, now + self._lease_s, now + self._retention_s),
+                    "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, NULL, ?, ?, ?)",
+                    (key, fingerprint, owner, now + self._lease_s, now + self._retention_s,
+                     int(decided.after_send), decided.response_id),
                 )
             self._db.execute("COMMIT")
         except BaseException:
@@ -204,6 +219,16 @@ class SqliteStore:
             lambda: self._db.execute(
                 "UPDATE claims SET sent = 1 WHERE key = ? AND owner = ? AND event IS NULL",
                 (key, owner),
+            )
+        )
+        return bool(cursor.rowcount == 1)
+
+    async def mark_accepted(self, key: str, owner: str, response_id: str) -> bool:
+        cursor = await self._run(
+            lambda: self._db.execute(
+                "UPDATE claims SET sent = 1, response_id = ?"
+                " WHERE key = ? AND owner = ? AND event IS NULL",
+                (response_id, key, owner),
             )
         )
         return bool(cursor.rowcount == 1)

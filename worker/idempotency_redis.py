@@ -25,11 +25,11 @@ SOCKET_TIMEOUT_S = 5.0  # a Redis that accepts and never answers counts as away
 
 KEY_PREFIX = "relay:idempotency:"
 
-# Returns {} when the caller took a free key, {'taken', sent} when it took over from a dead
-# holder, else the existing record's fields.
+# Returns {} when the caller took a free key, {'taken', sent, response_id} when it took over
+# from a dead holder, else the existing record's fields.
 CLAIM_SCRIPT = """
 local record = redis.call('HMGET', KEYS[1], 'fingerprint', 'owner', 'lease_until', 'event',
-                          'sent')
+                          'sent', 'response_id')
 local now = tonumber(ARGV[3])
 if record[1] then
   if record[1] ~= ARGV[1] or record[4] or tonumber(record[3]) > now then
@@ -40,7 +40,11 @@ redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'owner', ARGV[2],
            'lease_until', tostring(now + tonumber(ARGV[4])))
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
-if record[1] then return {'taken', record[5] or '0'} end
+if record[5] == '1' then  -- the taker inherits what the dead holder may have set going
+  redis.call('HSET', KEYS[1], 'sent', '1')
+  if record[6] then redis.call('HSET', KEYS[1], 'response_id', record[6]) end
+end
+if record[1] then return {'taken', record[5] or '0', record[6] or ''} end
 return {}
 """
 
@@ -56,12 +60,12 @@ local record = redis.call('HMGET', KEYS[1], 'owner', 'event')
 if record[1] == ARGV[1] and not record[2] then redis.call('DEL', KEYS[1]) end
 """
 
-# ARGV: owner, field, value: set a field of the claim only while owner holds it unfinished;
-# 1 when it did.
+# ARGV: owner, then field, value pairs: set fields of the claim only while owner holds it
+# unfinished; 1 when it did.
 SET_IF_HOLDER_SCRIPT = """
 local record = redis.call('HMGET', KEYS[1], 'owner', 'event')
 if record[1] == ARGV[1] and not record[2] then
-  redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+  redis.call('HSET', KEYS[1], unpack(ARGV, 2))
   return 1
 end
 return 0
@@ -92,9 +96,11 @@ class RedisStore:
         if not fields:
             return Claimed()
         if fields[0] == "taken":
-            return Claimed(after_send=fields[1] == "1")
-        stored_fp, holder, lease_until, event, _ = fields
-        return _decide((stored_fp, holder, float(lease_until), event, False), fingerprint, now)
+            sent = fields[1] == "1"
+            return Claimed(after_send=sent, response_id=(fields[2] or None) if sent else None)
+        stored_fp, holder, lease_until, event, *_ = fields
+        record = (stored_fp, holder, float(lease_until), event, False, None)
+        return _decide(record, fingerprint, now)
 
     async def complete(self, key: str, owner: str, event: ResultEvent) -> None:
         await self._call(
@@ -112,6 +118,11 @@ class RedisStore:
 
     async def mark_sent(self, key: str, owner: str) -> bool:
         done = await self._call(self._set_if_holder, [KEY_PREFIX + key], [owner, "sent", "1"])
+        return bool(done)
+
+    async def mark_accepted(self, key: str, owner: str, response_id: str) -> bool:
+        fields = [owner, "sent", "1", "response_id", response_id]
+        done = await self._call(self._set_if_holder, [KEY_PREFIX + key], fields)
         return bool(done)
 
     async def ping(self) -> None:

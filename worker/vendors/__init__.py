@@ -80,6 +80,15 @@ class Vendors:
                 return await self.eset(command.tenant).fetch_patching(budget)
         raise AssertionError(f"no vendor call for {command.type}")  # the contract is closed
 
+    async def collect(self, command: Command, response_id: str, budget: CallBudget) -> VendorReply:
+        """Collect the 202 a worker that died got for this command (ESET mutations only)."""
+        match command:
+            case UpdateTriggersCommand(params=EsetUpdateTriggersParams() as params):
+                return await self.eset(command.tenant).collect(params, response_id, budget)
+            case BatchDeleteCommand(params=params):
+                return await self.eset(command.tenant).collect(params, response_id, budget)
+        raise AssertionError(f"{command.type} is never collected")  # only ESET answers 202
+
     def tenant(self, name: str) -> Tenant:
         tenant = self._settings.tenants.get(name)
         if tenant is None:

@@ -52,20 +52,34 @@ class EsetClient:
     async def update_task_triggers(
         self, params: EsetUpdateTriggersParams, budget: CallBudget
     ) -> VendorReply:
+        return await self._http.call(self._update_triggers_request(params), budget)
+
+    async def collect(
+        self, params: EsetUpdateTriggersParams | BatchDeleteParams, response_id: str,
+        budget: CallBudget,
+    ) -> VendorReply:
+        """The answer to a mutation that ESET accepted (202) for a worker that died: the
+        identical request, collected with its ``response-id``."""
+        if isinstance(params, BatchDeleteParams):
+            request = self._batch_delete_request([str(u) for u in params.object_uuids])
+        else:
+            request = self._update_triggers_request(params)
+        return await self._http.collect(request, response_id, budget)
+
+    def _update_triggers_request(self, params: EsetUpdateTriggersParams) -> VendorRequest:
         triggers: list[dict[str, dict[str, str]]] = [
             {"manual": {"expireTime": t.manual.expire_time.isoformat()}}
             if t.manual.expire_time
             else {"manual": {}}
             for t in params.triggers
         ]
-        request = VendorRequest(
+        return VendorRequest(
             vendor="eset",
             method="POST",
             url=self._url("automation", f"/v1/device_tasks/{params.task_uuid}:updateTaskTriggers"),
             route="/v1/device_tasks/{taskUuid}:updateTaskTriggers",
             json={"triggers": triggers},
         )
-        return await self._http.call(request, budget)
 
     async def batch_delete(self, params: BatchDeleteParams, budget: CallBudget) -> VendorReply:
         if self._account.region not in QUARANTINE_REGIONS:

@@ -74,6 +74,11 @@ class CallBudget:
     # after the rate-limit slot, and before the request's body is read. A merged batch
     # delete (coalescing.py) settles its members, and so fills in its body, in it.
     before_first_mutation: Callable[[], Awaitable[None]] | None = None
+    # Called with the response-id when a mutation is answered 202, before it is collected
+    # (the handler keeps it with its claim, so a worker taking over collects it too). A
+    # merged batch delete has none: its request can not be rebuilt from one command.
+    on_accepted: Callable[[str], Awaitable[None]] | None = None
+    accepted_as: str | None = None  # the response-id of a 202'd mutation being collected
 
     async def mark_first_mutation(self) -> None:
         """Run ``before_first_mutation``, once: later sends (retries, collects) do not."""
@@ -114,7 +119,21 @@ class VendorHttp:
         """The final 2xx answer; raises a :class:`~worker.errors.RelayError` otherwise."""
         reply = await self._send_with_retries(request, budget, response_id=None)
         if reply.status == 202 and self.follows_202 and reply.response_id:
-            reply = await self._collect(request, reply.response_id, budget)
+            if request.is_mutation:
+                budget.accepted_as = reply.response_id
+                if budget.on_accepted is not None:
+                    await budget.on_accepted(reply.response_id)
+            return await self.collect(request, reply.response_id, budget)
+        if reply.status >= 400:
+            raise refused(reply)
+        return reply
+
+    async def collect(
+        self, request: VendorRequest, response_id: str, budget: CallBudget
+    ) -> VendorReply:
+        """The final 2xx answer to a request ESET accepted with 202 as ``response_id``
+        (also one accepted by a worker that died before collecting it)."""
+        reply = await self._collect(request, response_id, budget)
         if reply.status >= 400:
             raise refused(reply)
         return reply

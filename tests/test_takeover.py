@@ -1,0 +1,68 @@
+"""A replica that dies while collecting an ESET 202: the one that takes its key over
+collects the cached answer with the stored response-id, instead of reporting the result
+lost or sending the mutation again."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import pytest
+
+from worker.handler import Handler, HandlerTimings, Settlement
+from worker.idempotency import SqliteStore, fingerprint
+from worker.ratelimit import RateLimits
+from worker.retries import RetryPolicy
+from worker.sandbox import Faults, SandboxServer, ScriptedFault
+from worker.vendors import Vendors
+from worker.vendors.http import CallBudget
+
+from .test_vendor_calls import batch_delete, settings_for
+
+LEASE_S = 0.2
+
+
+class Died(Exception):
+    """Stands for the process ending right after ESET's 202 was kept with the claim."""
+
+
+def test_the_taker_collects_a_dead_holders_202(sandbox: SandboxServer, tmp_path: Path) -> None:
+    settings = settings_for(sandbox)
+    policy = RetryPolicy(max_attempts=2, initial_wait_s=0.01, max_wait_s=0.05)
+    object_uuid = str(uuid.uuid4())
+    command = batch_delete(object_uuid).with_defaults(f"m-{uuid.uuid4()}")
+    sandbox.state.faults = Faults(script=[ScriptedFault(status=202)])
+
+    async def main() -> tuple[str, Settlement]:
+        store = SqliteStore(tmp_path / "store.sqlite3", lease_s=LEASE_S, retention_s=600)
+        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy)
+        try:
+            # The holder: claims, sends, gets the 202, keeps its response-id, dies.
+            await store.claim(command.key, fingerprint(command), "dead-holder")
+            kept: list[str] = []
+
+            async def keep_and_die(response_id: str) -> None:
+                await store.mark_accepted(command.key, "dead-holder", response_id)
+                kept.append(response_id)
+                raise Died
+
+            budget = CallBudget(policy.clock() + 10, on_accepted=keep_and_die)
+            with pytest.raises(Died):
+                await vendors.execute(command, budget)
+            await asyncio.sleep(LEASE_S * 1.5)  # its lease runs out
+            taker = Handler(
+                store, vendors, policy, HandlerTimings(command_timeout_s=10), "taker"
+            )
+            return kept[0], await taker.handle(command)
+        finally:
+            await vendors.aclose()
+            await store.close()
+
+    response_id, settlement = asyncio.run(main())
+    event = settlement.event
+    assert event is not None and event.data.outcome == "succeeded", event
+    assert event.data.vendor is not None and event.data.vendor.response_id == response_id
+    stats = sandbox.state.stats()
+    assert stats["calls"]["eset.batch_delete"] >= 2  # the send, then the taker's collect(s)
+    assert stats["effects"]["eset.batch_delete"] == {object_uuid: 1}
