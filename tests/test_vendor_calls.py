@@ -294,6 +294,20 @@ def test_second_cancel_of_the_same_fylr_task_is_rejected_with_400(sandbox: Sandb
     assert sandbox.state.stats()["effects"] == {"fylr.cancel": {"77": 1}}
 
 
+def test_a_cancel_whose_answer_was_lost_is_read_back_as_a_success(
+    sandbox: SandboxServer,
+) -> None:
+    """fylr cancelled, its answer was lost (502), the retry is refused with 400 "already
+    requested": the task says the cancel is in, so the command succeeded."""
+    sandbox.state.faults = Faults(script=[ScriptedFault(502, answer_lost=True)])
+    outcome = execute(settings_for(sandbox), cancel_task(4712))[0]
+    reply = succeeded(outcome)
+    assert (reply.vendor, reply.status) == ("fylr", 200)
+    assert reply.body["task"]["run_canceled_at"]
+    assert outcome.budget.statuses == [502, 400, 200]  # the cancel, its retry, the task read
+    assert sandbox.state.stats()["effects"] == {"fylr.cancel": {"4712": 1}}
+
+
 # --- credentials ---
 
 

@@ -216,6 +216,7 @@ class Handler:
         budget = CallBudget(
             deadline=deadline,
             retry_deadline=retry_deadline,
+            prior_attempts=delivery.attempts,
             before_first_mutation=lambda: self._mark_sent(command.key),
             on_accepted=lambda response_id: self._mark_accepted(command.key, response_id),
         )

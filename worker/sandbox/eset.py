@@ -153,11 +153,13 @@ class Eset:
         key = RequestKey(scope["method"], scope["path"], scope["query_string"], body)
         response_id = request.headers.get("response-id")
         fault = self._state.pick_fault(key.path, pending_allowed=response_id is None)
-        if fault is not None and fault != 202:
-            return eset_error(fault)
+        if fault is not None and fault.status != 202:
+            if fault.answer_lost and response_id is None:
+                operation(request.path_params, body)
+            return eset_error(fault.status)
         if response_id is not None:
             return self._collect(response_id, key)
-        if fault == 202:
+        if fault is not None:
             return self._accept(key, lambda: operation(request.path_params, body))
         return operation(request.path_params, body)
 

@@ -20,6 +20,9 @@ class ScriptedFault:
 
     status: int
     path_contains: str | None = None
+    # The call is carried out, then answered with `status` instead of its result: the
+    # vendor acted and the answer was lost (a gateway 502/504, a timeout on the way back).
+    answer_lost: bool = False
 
     @field_validator("status")
     @classmethod
@@ -46,8 +49,18 @@ class Faults:
     script: list[ScriptedFault] = Field(default_factory=list)
 
 
-def pick_fault(faults: Faults, path: str, rng: Random, *, pending_allowed: bool) -> int | None:
-    """Status the call must answer instead of its normal answer, or None.
+@dataclass(frozen=True)
+class Drawn:
+    """One call's fault: the status to answer, and whether the call is carried out first."""
+
+    status: int
+    answer_lost: bool = False
+
+
+def pick_fault(
+    faults: Faults, path: str, rng: Random, *, pending_allowed: bool
+) -> Drawn | None:
+    """What the call must answer instead of its normal answer, or None.
 
     A matching scripted fault wins and is consumed; then the random draws, in the order
     throttle, server error, pending (202 only where `pending_allowed`).
@@ -55,11 +68,11 @@ def pick_fault(faults: Faults, path: str, rng: Random, *, pending_allowed: bool)
     for index, scripted in enumerate(faults.script):
         if scripted.matches(path, pending_allowed=pending_allowed):
             del faults.script[index]
-            return scripted.status
+            return Drawn(scripted.status, scripted.answer_lost)
     if faults.throttle_rate and rng.random() < faults.throttle_rate:
-        return 429
+        return Drawn(429)
     if faults.error_rate and rng.random() < faults.error_rate:
-        return rng.choice(_SERVER_ERRORS)
+        return Drawn(rng.choice(_SERVER_ERRORS))
     if pending_allowed and faults.accepted_first_rate and rng.random() < faults.accepted_first_rate:
-        return PENDING
+        return Drawn(PENDING)
     return None

@@ -53,7 +53,9 @@ async def call(
         return refusal
     fault = state.pick_fault(request.scope["path"], pending_allowed=False)
     if fault is not None:
-        return vendor_error(vendor, fault)
+        if fault.answer_lost:
+            operation(request.path_params, await request.body())
+        return vendor_error(vendor, fault.status)
     return operation(request.path_params, await request.body())
 
 

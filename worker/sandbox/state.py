@@ -12,7 +12,7 @@ from typing import Any
 
 from worker.sandbox.answers import Answer, Vendor
 from worker.sandbox.config import SandboxConfig
-from worker.sandbox.faults import Faults, pick_fault
+from worker.sandbox.faults import Drawn, Faults, pick_fault
 from worker.sandbox.pending import Collected, PendingCache, RequestKey
 from worker.sandbox.ratelimit import SlidingWindowLimiter
 from worker.sandbox.resources import CancelOutcome, FylrTasks, SpaazaTasks
@@ -121,8 +121,8 @@ class SandboxState:
         with self._lock:
             return self._limiters[vendor].admit(account, self._clock())
 
-    def pick_fault(self, path: str, *, pending_allowed: bool) -> int | None:
-        """The fault status this call must answer, or None (consumes scripted faults)."""
+    def pick_fault(self, path: str, *, pending_allowed: bool) -> Drawn | None:
+        """The fault this call must answer, or None (consumes scripted faults)."""
         with self._lock:
             return pick_fault(self._faults, path, self._rng, pending_allowed=pending_allowed)
 

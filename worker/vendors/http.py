@@ -67,6 +67,7 @@ class CallBudget:
     deadline: float  # a RetryPolicy.clock reading; no new call starts after it
     retry_deadline: float | None = None  # no back-off retry after it (default: deadline)
     attempts: int = 0
+    prior_attempts: int = 0  # calls made for the command by earlier deliveries
     collects: int = 0
     statuses: list[int] = field(default_factory=list)
     vendor_time_s: float = 0.0  # time spent waiting on vendor HTTP answers
@@ -79,6 +80,12 @@ class CallBudget:
     # merged batch delete has none: its request can not be rebuilt from one command.
     on_accepted: Callable[[str], Awaitable[None]] | None = None
     accepted_as: str | None = None  # the response-id of a 202'd mutation being collected
+
+    @property
+    def may_have_acted_before(self) -> bool:
+        """Whether the vendor may have acted on an earlier call of this command whose
+        answer did not come back as a refusal (a retry follows only a transient failure)."""
+        return self.attempts > 1 or self.prior_attempts > 0
 
     async def mark_first_mutation(self) -> None:
         """Run ``before_first_mutation``, once: later sends (retries, collects) do not."""
