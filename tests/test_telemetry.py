@@ -211,3 +211,18 @@ def test_readiness_fails_when_a_dependency_does():
     answer = asyncio.run(probe())
     assert answer.status_code == 503
     assert answer.json()["checks"] == {"broker": True, "store": False}
+
+
+def test_readiness_says_why_commands_are_held():
+    async def probe() -> httpx.Response:
+        app = create_health_app(
+            {"broker": lambda: True, "store": lambda: False},
+            lambda: {"store": "the idempotency store is unreachable: ConnectionError"},
+        )
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://health") as client:
+            return await client.get("/readyz")
+
+    answer = asyncio.run(probe())
+    assert answer.status_code == 503
+    assert "unreachable" in answer.json()["reasons"]["store"]

@@ -18,8 +18,11 @@ from starlette.routing import Route
 Check = Callable[[], bool]
 
 
-def create_health_app(checks: dict[str, Check]) -> Starlette:
-    """``checks``: name → a callable that is True when that dependency is usable."""
+def create_health_app(
+    checks: dict[str, Check], reasons: Callable[[], dict[str, str]] | None = None
+) -> Starlette:
+    """``checks``: name → a callable that is True when that dependency is usable;
+    ``reasons``: why the worker is holding work, if it is (shown by ``/readyz``)."""
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -27,8 +30,11 @@ def create_health_app(checks: dict[str, Check]) -> Starlette:
     async def readyz(request: Request) -> Response:
         results = {name: _safe(check) for name, check in checks.items()}
         ready = all(results.values())
+        body: dict[str, object] = {"status": "ready" if ready else "not ready", "checks": results}
+        if reasons is not None and (held := reasons()):
+            body["reasons"] = held
         return JSONResponse(
-            {"status": "ready" if ready else "not ready", "checks": results},
+            body,
             status_code=200 if ready else 503,
         )
 

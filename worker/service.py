@@ -111,13 +111,18 @@ class RelayService:
             and self.loop.run(self.store.ping(), STORE_PING_TIMEOUT_S) is None,
         }
 
+    def held_because(self) -> dict[str, str]:
+        """Why commands are being held, if they are (for ``/readyz``)."""
+        reason = self.outage.reason
+        return {"store": reason} if reason else {}
+
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set, then finish in-flight work and close everything."""
         self.loop.start()
         health = self.health = None
         if self.settings.health_port is not None:
             health = self.health = BackgroundServer(
-                create_health_app(self.ready()),
+                create_health_app(self.ready(), self.held_because),
                 self.settings.health_host,
                 self.settings.health_port,
                 "health",
