@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AwareDatetime,
+    BeforeValidator,
     Discriminator,
     Field,
     Strict,
@@ -33,6 +34,17 @@ MAX_TARGET_FIELDS = 64  # Spaaza's `target` object
 MAX_TASK_ID = 2**63 - 1  # the vendors' task ids are 64-bit integers
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
+
+def _text_only(value: Any) -> Any:
+    # pydantic reads a number as Unix seconds; the contract's times are RFC 3339 strings.
+    if isinstance(value, int | float):
+        raise ValueError("a time is an RFC 3339 string such as 2026-12-01T00:00:00Z")
+    return value
+
+
+# An RFC 3339 time with its offset: a string, never a number.
+Time = Annotated[AwareDatetime, BeforeValidator(_text_only)]
+
 # A JSON integer and nothing else: no bool, no numeric string, no float, however whole.
 TaskId = Annotated[int, Strict(), Field(ge=1, le=MAX_TASK_ID)]
 
@@ -40,7 +52,7 @@ TaskId = Annotated[int, Strict(), Field(ge=1, le=MAX_TASK_ID)]
 class ManualTrigger(ContractModel):
     """ESET's only trigger type: run as soon as possible, not after ``expire_time``."""
 
-    expire_time: AwareDatetime | None = None
+    expire_time: Time | None = None
 
 
 class EsetTrigger(ContractModel):
@@ -56,7 +68,7 @@ class EsetUpdateTriggersParams(ContractModel):
 
 
 class SpaazaTrigger(ContractModel):
-    once: AwareDatetime
+    once: Time
     repeat: Literal["daily", "weekly", "monthly"] | None = None
 
 
@@ -106,7 +118,7 @@ class _CommandFields(ContractModel):
     id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
     tenant: str = Field(default="default", pattern=f"^{TENANT_PATTERN.pattern}$")
-    deadline: AwareDatetime | None = None
+    deadline: Time | None = None
 
     @property
     def command_id(self) -> str:

@@ -126,3 +126,15 @@ def test_spaaza_free_text_is_bounded() -> None:
               "desc": "d" * 5000}
     body = json.dumps({"type": "update-triggers", "params": params}).encode()
     assert "params.desc" in rejected(body).error.message
+
+
+@pytest.mark.parametrize("field", ["deadline", "once"])
+def test_a_time_given_as_a_number_is_rejected(field: str) -> None:
+    """pydantic would read it as Unix seconds; the contract's times are RFC 3339 text."""
+    params = {"provider": "spaaza", "task_id": 7, "trigger": {"once": "2026-12-01T00:00:00Z"}}
+    command: dict[str, Any] = {"type": "update-triggers", "params": params}
+    if field == "deadline":
+        command["deadline"] = 4102444800
+    else:
+        params["trigger"] = {"once": 4102444800}
+    assert "RFC 3339" in rejected(json.dumps(command).encode()).error.message

@@ -147,6 +147,11 @@ class CommandConsumer:
     async def _consume(self, connection: Connection, stop: threading.Event) -> None:
         self._generation += 1
         channel = connection.channel()
+        if hasattr(channel, "auto_decode"):
+            # py-amqp would decode a body in whatever content_encoding the publisher names
+            # (latin-1, utf-16) before we see it: bytes as sent are what is checked, and
+            # what the dead-letter queue keeps.
+            channel.auto_decode = False
         self.topology.declare(channel)
         confirms = Confirms(channel, enabled=is_amqp(self._settings.broker_url))
         publisher = self._publisher = Publisher(
