@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from datetime import datetime
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
@@ -35,15 +36,22 @@ MAX_TASK_ID = 2**63 - 1  # the vendors' task ids are 64-bit integers
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
-def _text_only(value: Any) -> Any:
-    # pydantic reads a number as Unix seconds; the contract's times are RFC 3339 strings.
-    if isinstance(value, int | float):
-        raise ValueError("a time is an RFC 3339 string such as 2026-12-01T00:00:00Z")
-    return value
+RFC_3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})"
+)
+
+
+def _rfc_3339(value: Any) -> Any:
+    # pydantic would also read a number, or a string of digits, as Unix seconds.
+    if isinstance(value, str) and RFC_3339.fullmatch(value):
+        return value
+    if isinstance(value, datetime):  # a Python publisher's own model
+        return value
+    raise ValueError("a time is an RFC 3339 string such as 2026-12-01T00:00:00Z")
 
 
 # An RFC 3339 time with its offset: a string, never a number.
-Time = Annotated[AwareDatetime, BeforeValidator(_text_only)]
+Time = Annotated[AwareDatetime, BeforeValidator(_rfc_3339)]
 
 # A JSON integer and nothing else: no bool, no numeric string, no float, however whole.
 TaskId = Annotated[int, Strict(), Field(ge=1, le=MAX_TASK_ID)]

@@ -834,6 +834,8 @@ def _raw_body(message: Message) -> bytes:
     body = message.body
     if isinstance(body, bytes):
         return body
+    if not body:  # kombu's embedded transport hands an empty body over as "" whatever
+        return b""  # its encoding: encoding "" in UTF-16 would invent a byte-order mark
     with contextlib.suppress(LookupError, UnicodeError):
         return str(body).encode(message.content_encoding or "utf-8")
     return str(body).encode("utf-8", "surrogatepass")
