@@ -81,6 +81,12 @@ class Names:
         (the worker answers on reply queues named ``relay.replies.…`` only)."""
         return f"relay.replies.{self.prefix}"
 
+    def delay_queues(self) -> list[str]:
+        """The worker's delay queues with its default delays (retries and deferrals)."""
+        defaults = Settings()
+        delays_s = {*defaults.retry_delays_s, defaults.defer_delay_s}
+        return [f"{self.command_queue}.delay.{round(d * 1000)}ms" for d in sorted(delays_s)]
+
     def worker_env(self) -> dict[str, str]:
         return {
             "RELAY_COMMAND_EXCHANGE": self.command_exchange,

@@ -247,6 +247,15 @@ class ChaosRig:
             self.extra["dead_lettered"] = _ready(
                 self.admin.queue_state(self.names.dead_letter_queue)
             )
+            # Commands waiting out a delayed retry or a deferral, by delay queue: where a
+            # command without its event may still be.
+            waiting = {
+                name: ready
+                for name in self.names.delay_queues()
+                if (ready := _ready(self.admin.queue_state(name)))
+            }
+            if waiting:
+                self.extra["in_delay_queues"] = waiting
         self.fleet.check_alive()
         self.extra["exit_codes_at_end"] = self.fleet.close()
         self.extra["crashes"] = len(self.fleet.crashes)
