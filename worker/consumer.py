@@ -138,6 +138,8 @@ class CommandConsumer:
                 # A bug, not the broker: the connection is started anew (its unacked
                 # deliveries come back) rather than the process ending with them.
                 log.exception("consumer failed; reconnecting")
+            if self.connected.is_set():
+                failures = 0  # the connection had worked: the back-off starts anew
             self.connected.clear()
             failures += 1
             wait_s = min(RECONNECT_MAX_WAIT_S, 0.5 * 2**failures)
