@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import hypothesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 from kombu import Consumer, Queue
@@ -1194,6 +1194,22 @@ class FuzzRig:
                        self.claimed):
             ledger.clear()
         observer.strays.clear()
+
+    def fuzz(
+        self, fuzzed: st.SearchStrategy[Fuzzed], max_examples: int, *examples: Fuzzed
+    ) -> None:
+        """Check ``max_examples`` drawn messages and the given ``examples``, then that
+        nothing more came of them."""
+
+        @fuzz_settings(max_examples)
+        @given(fuzzed)
+        def prop(message: Fuzzed) -> None:
+            self.check(message)
+
+        for chosen in examples:
+            prop = example(chosen)(prop)
+        prop()
+        self.assert_quiet()
 
     def assert_quiet(self) -> None:
         """After a run: nothing more came, no message got a second event or dead letter,

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import example, given
 from hypothesis import strategies as st
 
 from worker.sandbox import SandboxServer
@@ -31,7 +30,6 @@ from .fuzzing import (
     command_message,
     deep_and_odd_numbers,
     foreign_encodings,
-    fuzz_settings,
     hostile_headers,
     hostile_properties,
     integer_impostors,
@@ -107,96 +105,68 @@ VALID_CANCEL = command_message({"type": "cancel-task", "id": ID, "params": {"tas
 
 
 def test_arbitrary_bytes_are_rejected(rig: FuzzRig):
-    @fuzz_settings(50)
-    @example(raw_message(b"", "empty body", rejected("invalid_json")))
-    @example(raw_message(b"\xff\xfe not json", "not UTF-8", rejected("invalid_json")))
-    @given(arbitrary_bodies)
-    def prop(fuzzed: Fuzzed) -> None:
-        rig.check(fuzzed)
-
-    prop()
-    rig.assert_quiet()
+    rig.fuzz(
+        arbitrary_bodies,
+        50,
+        raw_message(b"", "empty body", rejected("invalid_json")),
+        raw_message(b"\xff\xfe not json", "not UTF-8", rejected("invalid_json")),
+    )
 
 
 def test_json_of_the_wrong_shape_is_rejected(rig: FuzzRig):
-    @fuzz_settings(50)
-    @given(wrong_shapes())
-    def prop(fuzzed: Fuzzed) -> None:
-        rig.check(fuzzed)
-
-    prop()
-    rig.assert_quiet()
+    rig.fuzz(wrong_shapes(), 50)
 
 
 def test_deep_nesting_huge_numbers_and_nan_are_rejected(rig: FuzzRig):
-    @fuzz_settings(40)
-    @example(Fuzzed("5000 nested arrays", rejected(), text=nested(5000, "arrays")))
-    @example(Fuzzed("NaN task_id", rejected(), text='{"type":"cancel-task","params":'
-                                                      '{"task_id":NaN}}'))
-    @given(deep_and_odd_numbers())
-    def prop(fuzzed: Fuzzed) -> None:
-        rig.check(fuzzed)
-
-    prop()
-    rig.assert_quiet()
+    rig.fuzz(
+        deep_and_odd_numbers(),
+        40,
+        Fuzzed("5000 nested arrays", rejected(), text=nested(5000, "arrays")),
+        Fuzzed("NaN task_id", rejected(), text='{"type":"cancel-task","params":{"task_id":NaN}}'),
+    )
 
 
 def test_bodies_not_in_utf8_are_rejected(rig: FuzzRig):
-    @fuzz_settings(25)
-    @given(foreign_encodings())
-    def prop(fuzzed: Fuzzed) -> None:
-        rig.check(fuzzed)
-
-    prop()
-    rig.assert_quiet()
+    rig.fuzz(foreign_encodings(), 25)
 
 
 def test_lone_surrogates_and_long_strings_are_rejected_and_never_echoed(rig: FuzzRig):
-    @fuzz_settings(50)
-    @example(with_field("type", "\ud800", "lone surrogate type"))
-    @example(with_field("id", "x\udfff", "lone surrogate id"))
-    @example(with_field("idempotency_key", "\ud800", "lone surrogate key"))
-    @example(with_field("type", "é" * 300, "300 non-ASCII chars of type"))
-    @example(with_field("type", "型" * 10_000, "10k chars of type"))
-    @example(with_field("id", "i" * 10_000, "10k chars of id"))
-    @given(unencodable_or_long())
-    def prop(fuzzed: Fuzzed) -> None:
-        rig.check(fuzzed)
-
-    prop()
-    rig.assert_quiet()
+    rig.fuzz(
+        unencodable_or_long(),
+        50,
+        with_field("type", "\ud800", "lone surrogate type"),
+        with_field("id", "x\udfff", "lone surrogate id"),
+        with_field("idempotency_key", "\ud800", "lone surrogate key"),
+        with_field("type", "é" * 300, "300 non-ASCII chars of type"),
+        with_field("type", "型" * 10_000, "10k chars of type"),
+        with_field("id", "i" * 10_000, "10k chars of id"),
+    )
 
 
 def test_integers_must_be_integers(rig: FuzzRig):
     """Invariant 4: true, "12", 2.0 … are never taken for a task id, and a number of
     thousands of digits never reaches a vendor."""
 
-    @fuzz_settings(50)
-    @example(cancel_task(Literal("1" + "0" * 4000)))
-    @example(cancel_task(True))
-    @example(cancel_task("12"))
-    @example(cancel_task(2.0))
-    @example(cancel_task(" 8 "))
-    @example(spaaza_task("+5"))
-    @example(spaaza_task(True))
-    @given(integer_impostors())
-    def prop(fuzzed: Fuzzed) -> None:
-        rig.check(fuzzed)
-
-    prop()
-    rig.assert_quiet()
+    rig.fuzz(
+        integer_impostors(),
+        50,
+        cancel_task(Literal("1" + "0" * 4000)),
+        cancel_task(True),
+        cancel_task("12"),
+        cancel_task(2.0),
+        cancel_task(" 8 "),
+        spaaza_task("+5"),
+        spaaza_task(True),
+    )
 
 
 def test_valid_commands_run_and_broken_ones_are_rejected(rig: FuzzRig):
-    @fuzz_settings(60)
-    @example(VALID_CANCEL)
-    @example(spaaza_once(4102444800))
-    @given(st.one_of(valid_messages(), mutated_messages()))
-    def prop(fuzzed: Fuzzed) -> None:
-        rig.check(fuzzed)
-
-    prop()
-    rig.assert_quiet()
+    rig.fuzz(
+        st.one_of(valid_messages(), mutated_messages()),
+        60,
+        VALID_CANCEL,
+        spaaza_once(4102444800),
+    )
 
 
 def test_hostile_headers_never_stop_the_worker(rig: FuzzRig):
@@ -204,29 +174,20 @@ def test_hostile_headers_never_stop_the_worker(rig: FuzzRig):
         return Fuzzed("valid cancel-task, hostile headers", ACCEPTED, text=VALID_CANCEL.text,
                       headers=values, routing_key="cancel-task")
 
-    @fuzz_settings(50)
-    @example(headers(**{"x-delivery-count": "²"}))
-    @example(headers(**{"x-relay-attempts": "9" * 4300, "x-relay-retries": "-1"}))
-    @example(headers(**{"x-delivery-count": [1], "traceparent": "\ud800", "tracestate": 1.5}))
-    @given(hostile_headers(amqp=False))
-    def prop(fuzzed: Fuzzed) -> None:
-        rig.check(fuzzed)
-
-    prop()
-    rig.assert_quiet()
+    rig.fuzz(
+        hostile_headers(amqp=False),
+        50,
+        headers(**{"x-delivery-count": "²"}),
+        headers(**{"x-relay-attempts": "9" * 4300, "x-relay-retries": "-1"}),
+        headers(**{"x-delivery-count": [1], "traceparent": "\ud800", "tracestate": 1.5}),
+    )
 
 
 def test_hostile_properties_and_reply_to(rig: FuzzRig):
     """Invariant 7 among others: an event goes to ``reply_to`` only when it names a reply
     queue; the events exchange gets it whatever ``reply_to`` says."""
 
-    @fuzz_settings(50)
-    @given(hostile_properties(amqp=False))
-    def prop(fuzzed: Fuzzed) -> None:
-        rig.check(fuzzed)
-
-    prop()
-    rig.assert_quiet()
+    rig.fuzz(hostile_properties(amqp=False), 50)
 
 
 def test_memory_stays_bounded(rig: FuzzRig):

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import example, given
 
 from worker.sandbox import SandboxServer
 
@@ -31,7 +30,6 @@ from ..fuzzing import (
     big_messages,
     check_memory,
     command_message,
-    fuzz_settings,
     hostile_headers,
     hostile_properties,
     rejected,
@@ -80,46 +78,34 @@ def replying_to(target: str, fuzzed: Fuzzed = VALID_CANCEL) -> Fuzzed:
 
 
 def test_any_body(rig: FuzzRig):
-    @fuzz_settings(100)
-    @example(SURROGATE_TYPE)
-    @example(HUGE_TASK_ID)
-    @example(LONG_TYPE)
-    @given(any_body)
-    def prop(fuzzed: Fuzzed) -> None:
-        rig.check(fuzzed)
-
-    prop()
-    rig.assert_quiet()
+    rig.fuzz(any_body, 100, SURROGATE_TYPE, HUGE_TASK_ID, LONG_TYPE)
 
 
 def test_hostile_headers(rig: FuzzRig):
-    @fuzz_settings(60)
-    @example(with_headers(**{"x-delivery-count": "²"}))
-    @example(with_headers(**{"x-delivery-count": "9" * 4300}))
-    @example(with_headers(**{"x-relay-attempts": b"\xff", "traceparent": b"\x00",
-                             "tracestate": [1.5]}))
-    @example(with_headers(compression="application/x-gzip"))
-    @given(hostile_headers(amqp=True))
-    def prop(fuzzed: Fuzzed) -> None:
-        rig.check(fuzzed)
-
-    prop()
-    rig.assert_quiet()
+    rig.fuzz(
+        hostile_headers(amqp=True),
+        60,
+        with_headers(**{"x-delivery-count": "²"}),
+        with_headers(**{"x-delivery-count": "9" * 4300}),
+        with_headers(
+            **{"x-relay-attempts": b"\xff", "traceparent": b"\x00", "tracestate": [1.5]}
+        ),
+        with_headers(compression="application/x-gzip"),
+    )
 
 
 def test_hostile_properties_and_reply_to(rig: FuzzRig):
-    @fuzz_settings(60)
-    @example(replying_to(COMMANDS))
-    @example(replying_to(DEAD, SURROGATE_TYPE))
-    @example(replying_to(VICTIM))
-    @example(Fuzzed("latin-1 body, said so", rejected(), raw=b'{"type":"caf\xe9"}',
-                    content_encoding="latin-1"))
-    @given(hostile_properties(amqp=True))
-    def prop(fuzzed: Fuzzed) -> None:
-        rig.check(fuzzed)
-
-    prop()
-    rig.assert_quiet()
+    rig.fuzz(
+        hostile_properties(amqp=True),
+        60,
+        replying_to(COMMANDS),
+        replying_to(DEAD, SURROGATE_TYPE),
+        replying_to(VICTIM),
+        Fuzzed(
+            "latin-1 body, said so", rejected(), raw=b'{"type":"caf\xe9"}',
+            content_encoding="latin-1",
+        ),
+    )
 
 
 def test_memory_stays_bounded(rig: FuzzRig):
