@@ -26,7 +26,7 @@ from typing import Any
 from kombu import Connection, Producer
 
 from .broker import EventCollector, Names, Publishable, RawMessage
-from .figures import Figures, Workload, compute
+from .figures import Figures, Workload, closing_figures
 from .poison import DeadLetter
 from .processes import Fleet, SandboxProcess, tenants_json
 
@@ -143,20 +143,10 @@ class EmbeddedRig:
         assert self.fleet is not None and self.sandbox is not None and self.collector is not None
         duration_s = (self.answered_at or time.monotonic()) - self.started_at
         time.sleep(SETTLE_S)
-        self.fleet.check_alive()
-        self.extra["exit_codes_at_end"] = self.fleet.close()
-        self.extra["crashes"] = len(self.fleet.crashes)
-        figures = compute(
-            self.scenario,
-            workload,
-            self.collector.by_command(),
-            self.sandbox.stats(),
-            duration_s,
+        return closing_figures(
+            self.scenario, workload, self.fleet, self.collector, self.sandbox, duration_s,
+            self.extra,
         )
-        figures.extra.update(self.extra)
-        if self.collector.undecodable:
-            figures.extra["undecodable_events"] = self.collector.undecodable
-        return figures
 
     def dead_letters(self) -> list[DeadLetter]:
         """Everything in the dead-letter queue (taken out)."""

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .broker import SeenEvent
+from .broker import EventCollector, SeenEvent
+from .processes import Fleet, SandboxProcess
 
 EFFECT_ROUTE = "eset.batch_delete"
 
@@ -203,4 +204,27 @@ def compute(
     ][:3]
     if sample:
         figures.extra["multi_effect_sample"] = sample
+    return figures
+
+
+def closing_figures(
+    scenario: str,
+    workload: Workload,
+    fleet: Fleet,
+    collector: EventCollector,
+    sandbox: SandboxProcess,
+    duration_s: float,
+    extra: dict[str, Any],
+) -> Figures:
+    """Stop the replicas (SIGTERM; a replica found dead counts as a crash) and compute the
+    scenario's figures, with ``extra`` and what the collector noticed."""
+    fleet.check_alive()
+    extra["exit_codes_at_end"] = fleet.close()
+    extra["crashes"] = len(fleet.crashes)
+    figures = compute(scenario, workload, collector.by_command(), sandbox.stats(), duration_s)
+    figures.extra.update(extra)
+    if collector.reconnects:
+        figures.extra["observer_reconnects"] = collector.reconnects
+    if collector.undecodable:
+        figures.extra["undecodable_events"] = collector.undecodable
     return figures

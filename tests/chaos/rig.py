@@ -36,7 +36,7 @@ from .broker import (
     publish_in_parallel,
     publish_paced,
 )
-from .figures import Figures, Workload, compute
+from .figures import Figures, Workload, closing_figures
 from .processes import Fleet, SandboxProcess, tenants_json
 
 REDIS_DB = 14  # the chaos suite's own database, emptied at the start of each scenario
@@ -256,22 +256,10 @@ class ChaosRig:
             }
             if waiting:
                 self.extra["in_delay_queues"] = waiting
-        self.fleet.check_alive()
-        self.extra["exit_codes_at_end"] = self.fleet.close()
-        self.extra["crashes"] = len(self.fleet.crashes)
-        figures = compute(
-            self.scenario,
-            workload,
-            self.collector.by_command(),
-            self.sandbox.stats(),
-            duration_s,
+        return closing_figures(
+            self.scenario, workload, self.fleet, self.collector, self.sandbox, duration_s,
+            self.extra,
         )
-        figures.extra.update(self.extra)
-        if self.collector.reconnects:
-            figures.extra["observer_reconnects"] = self.collector.reconnects
-        if self.collector.undecodable:
-            figures.extra["undecodable_events"] = self.collector.undecodable
-        return figures
 
     def diagnostics(self) -> str:
         """Log tails of the replicas and the sandbox, for a failure message."""
