@@ -75,6 +75,8 @@ def rows(all_results: Results) -> list[Row]:
         share = limited.get("share_429")
         out.append(Row(scenario, "429 answers", None if share is None else share * 100,
                        "% of calls", ("<=", 1.0)))
+        out.append(Row(scenario, "most calls in one sliding second",
+                       limited.get("max_calls_in_a_second"), "calls", ("<=", 10)))
     if "latency" in results:
         low = results["latency"]
         note = f"vendor call {_fmt(low.get('vendor_ms_median'))} ms subtracted"

@@ -194,6 +194,12 @@ def rate_limited(options: Options) -> Result:
         "vendor_calls": calls,
         "vendor_statuses": statuses,
         "share_429": statuses.get("429", 0) / calls if calls else None,
+        # The busiest sliding second, as the vendor counted arrivals (429s included).
+        "max_calls_in_a_second": max(
+            (n for accounts in stats.get("max_calls_in_window", {}).values()
+             for n in accounts.values()),
+            default=None,
+        ),
         "outcomes": outcomes(collector.arrivals),
         "peak_rss_mb": rss,
     }
