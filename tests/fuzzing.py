@@ -771,25 +771,25 @@ class Observer:
         with contextlib.suppress(Exception):
             self.connection.release()
 
-    def _on_event(self, message: Message) -> None:
+    def _taken(self, message: Message, what: str) -> ResultEvent | None:
+        """The result event in ``message`` (acked); a stray when it is none."""
         message.ack()
         self.received += 1
         try:
-            event = ResultEvent.model_validate_json(message.body)
+            return ResultEvent.model_validate_json(message.body)
         except ValueError as error:
-            self.strays.append(f"an event that is not a result event: {_short(message.body)}"
-                               f" ({_short(str(error), 200)})")
-            return
-        self.events[event.data.command_id].append(event)
+            self.strays.append(f"{what} that is not a result event: {_short(message.body)}"
+                               f" ({_short(str(error), 300)})")
+            return None
+
+    def _on_event(self, message: Message) -> None:
+        event = self._taken(message, "an event")
+        if event is not None:
+            self.events[event.data.command_id].append(event)
 
     def _on_reply(self, message: Message) -> None:
-        message.ack()
-        self.received += 1
-        try:
-            event = ResultEvent.model_validate_json(message.body)
-        except ValueError as error:
-            self.strays.append(f"a reply that is not a result event: {_short(message.body)}"
-                               f" ({_short(str(error), 300)})")
+        event = self._taken(message, "a reply")
+        if event is None:
             return
         self.replies[message.properties.get("correlation_id")].append(event)
         if not self.amqp:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from worker.handler import Handler, HandlerTimings, Settlement
-from worker.idempotency import SqliteStore, fingerprint
+from worker.idempotency import Claimed, SqliteStore, fingerprint
 from worker.ratelimit import RateLimits
 from worker.retries import RetryPolicy
 from worker.sandbox import Faults, SandboxServer, ScriptedFault
@@ -66,3 +66,46 @@ def test_the_taker_collects_a_dead_holders_202(sandbox: SandboxServer, tmp_path:
     stats = sandbox.state.stats()
     assert stats["calls"]["eset.batch_delete"] >= 2  # the send, then the taker's collect(s)
     assert stats["effects"]["eset.batch_delete"] == {object_uuid: 1}
+
+
+class WatchedStore(SqliteStore):
+    """Says when a 202 has been kept with a claim."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, lease_s=LEASE_S, retention_s=600)
+        self.accepted = asyncio.Event()
+
+    async def mark_accepted(self, key: str, owner: str, response_id: str) -> bool:
+        marked = await super().mark_accepted(key, owner, response_id)
+        self.accepted.set()
+        return marked
+
+
+def test_a_holder_stopped_mid_collect_leaves_its_202_claimed(
+    sandbox: SandboxServer, tmp_path: Path
+) -> None:
+    """Cancelled while it waits to collect (a shutdown), the holder does not release the
+    key: a redelivery must collect the 202, not send the deletion again."""
+    settings = settings_for(sandbox).model_copy(update={"collect_interval_s": 5.0})
+    policy = RetryPolicy(max_attempts=2, initial_wait_s=0.01, max_wait_s=0.05)
+    command = batch_delete(str(uuid.uuid4())).with_defaults(f"m-{uuid.uuid4()}")
+    sandbox.state.faults = Faults(script=[ScriptedFault(status=202)])
+
+    async def main() -> object:
+        store = WatchedStore(tmp_path / "store.sqlite3")
+        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy)
+        holder = Handler(store, vendors, policy, HandlerTimings(command_timeout_s=30), "holder")
+        try:
+            handling = asyncio.ensure_future(holder.handle(command))
+            await asyncio.wait_for(store.accepted.wait(), 10)
+            handling.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await handling
+            await asyncio.sleep(LEASE_S * 1.5)
+            return await store.claim(command.key, fingerprint(command), "next")
+        finally:
+            await vendors.aclose()
+            await store.close()
+
+    taken = asyncio.run(main())
+    assert isinstance(taken, Claimed) and taken.after_send and taken.response_id

@@ -41,7 +41,7 @@ from worker.errors import StoreUnavailable
 from worker.handler import Action, DeliveryInfo, Settlement
 from worker.outage import Outage
 from worker.publisher import Publisher
-from worker.results import CommandFields, now, result_event
+from worker.results import CommandFields, command_fields, now, result_event
 from worker.telemetry import Telemetry, start_process_span
 from worker.topology import Topology
 
@@ -52,6 +52,7 @@ IDLE_WAIT_S = 0.25  # how often ``stop`` and heartbeats are looked at when nothi
 RECONNECT_MAX_WAIT_S = 30.0
 MAX_HEADER_COUNT = 10**6  # a count header beyond this is not one the broker or we wrote
 COMPRESSION_HEADER = "compression"  # kombu would inflate the body on receipt: not for us
+KEPT_COMPRESSION_HEADER = f"x-relay-{COMPRESSION_HEADER}"
 
 
 @dataclass
@@ -154,18 +155,18 @@ class CommandConsumer:
             # (latin-1, utf-16) before we see it: bytes as sent are what is checked, and
             # what the dead-letter queue keeps.
             channel.auto_decode = False
+        _keep_bodies_as_sent(channel)
         self.topology.declare(channel)
         confirms = Confirms(channel, enabled=is_amqp(self._settings.broker_url))
         publisher = self._publisher = Publisher(
             Producer(channel), self.topology, self._telemetry.tracer, confirms
         )
-        consumer = _Consumer(
+        consumer = KombuConsumer(
             channel,
             queues=[self.topology.command_queue],
             on_message=self._on_message,
-            # kombu could not take the message apart (the embedded broker inflates a body
-            # whose headers name a compression before we see it): it is a message all the
-            # same, rejected for what it is.
+            # kombu could not take the message apart: it is a message all the same, and
+            # is rejected for what it is.
             on_decode_error=lambda message, error: self._on_message(message),
             prefetch_count=self._settings.prefetch,
         )
@@ -287,12 +288,7 @@ class CommandConsumer:
             extra = {"error_code": decoded.error.code, "command_id": decoded.fields["command_id"]}
             log.info("message rejected", extra=extra)
             return
-        delivery.fields = {
-            "command_id": decoded.command_id,
-            "idempotency_key": decoded.key,
-            "command_type": decoded.type,
-            "tenant": decoded.tenant,
-        }
+        delivery.fields = command_fields(decoded)
         delivery.attributes = {"relay.command.type": decoded.type, "relay.tenant": decoded.tenant}
         delivery.span.set_attributes(
             {
@@ -449,34 +445,23 @@ def _count(value: object) -> int:
 
 
 def _compressed_as(message: Message) -> str | None:
-    headers = message.headers or {}
-    compression = headers.get(f"x-relay-{COMPRESSION_HEADER}") or headers.get(COMPRESSION_HEADER)
+    compression = (message.headers or {}).get(KEPT_COMPRESSION_HEADER)
     return f"compressed ({preview(compression)})" if compression else None
 
 
-def _keep_compressed(headers: object) -> None:
-    if isinstance(headers, dict) and COMPRESSION_HEADER in headers:
-        headers[f"x-relay-{COMPRESSION_HEADER}"] = headers.pop(COMPRESSION_HEADER)
+def _keep_bodies_as_sent(channel: Any) -> None:
+    """kombu inflates a body whose headers name a compression as it makes the message,
+    before any check could bound it (a small zlib bomb becomes gigabytes). The header is
+    renamed first, so the body stays as sent and the command is rejected as compressed."""
+    make_message = channel.Message  # both brokers' channels make their messages here
 
-
-class _Consumer(KombuConsumer):  # type: ignore[misc]
-    """kombu inflates a body whose headers name a compression, before any check could
-    bound it (a small zlib bomb becomes gigabytes). The header is renamed before kombu
-    sees it, so the body stays as sent and the command is rejected as compressed."""
-
-    def __init__(self, channel: Any, **options: Any) -> None:
-        make_message = getattr(channel, "Message", None)
-        if make_message is not None:  # the embedded broker makes the message itself
-
-            def message_without_inflation(payload: Any, **kwargs: Any) -> Any:
-                _keep_compressed(payload.get("headers") if isinstance(payload, dict) else None)
-                return make_message(payload, **kwargs)
-
-            channel.Message = message_without_inflation
-        super().__init__(channel, **options)
-
-    def _receive_callback(self, raw: Any) -> None:
-        properties = getattr(raw, "properties", None)  # py-amqp's message, before kombu's
+    def message_as_sent(raw: Any, **options: Any) -> Any:
+        # The embedded broker's message is a dict; py-amqp's carries its properties.
+        properties = raw if isinstance(raw, dict) else getattr(raw, "properties", None)
         if isinstance(properties, dict):
-            _keep_compressed(properties.get("application_headers"))
-        super()._receive_callback(raw)
+            headers = properties.get("headers", properties.get("application_headers"))
+            if isinstance(headers, dict) and COMPRESSION_HEADER in headers:
+                headers[KEPT_COMPRESSION_HEADER] = headers.pop(COMPRESSION_HEADER)
+        return make_message(raw, **options)
+
+    channel.Message = message_as_sent

@@ -30,7 +30,7 @@ from worker.idempotency import (
     fingerprint,
 )
 from worker.outage import Outage
-from worker.results import CommandFields, now, outcome_of, rejection, result_event
+from worker.results import command_fields, now, outcome_of, rejection, result_event
 from worker.retries import RetryPolicy
 from worker.vendors import Vendors
 from worker.vendors.http import CallBudget, VendorReply
@@ -167,24 +167,16 @@ class Handler:
                 case InProgress(lease_left_s=lease_left_s):  # another delivery, storing it
                     await self._policy.sleep(min(self._timings.defer_poll_s, lease_left_s))
                 case _:
-                    await self._held_through_outage(
-                        lambda: self._store.complete(key, self._owner, event)
-                    )
+                    await self._complete(key, event)
                     return Settlement.for_event(event)
 
     async def _held_through_outage(self, call: Callable[[], Awaitable[T]]) -> T:
-        """A store call, waited through an outage of the store (the command is held, never
-        failed for it) for as long as a delivery may work; then StoreUnavailable, and the
-        command goes back to the queue."""
-        give_up_at = self._policy.clock() + self._timings.command_timeout_s
-        while True:
-            try:
-                return await call()
-            except StoreUnavailable as error:
-                self._outage.report(error)
-                left_s = give_up_at - self._policy.clock()
-                if left_s <= 0 or not await self._outage.wait(left_s):
-                    raise
+        """A store call, held through an outage for as long as a delivery may work; then
+        StoreUnavailable, and the command goes back to the queue."""
+        return await self._outage.held(call, self._timings.command_timeout_s)
+
+    async def _complete(self, key: str, event: ResultEvent) -> None:
+        await self._held_through_outage(lambda: self._store.complete(key, self._owner, event))
 
     def _check_acceptable(self, command: Command) -> None:
         self._vendors.tenant(command.tenant)
@@ -244,9 +236,7 @@ class Handler:
             renewing.cancel()
         # The outbox: stored before it is published, so a crash after this point
         # replays the event instead of calling the vendor again.
-        await self._held_through_outage(
-            lambda: self._store.complete(command.key, self._owner, event)
-        )
+        await self._complete(command.key, event)
         return Settlement.for_event(event)
 
     async def _release(self, key: str) -> None:
@@ -263,7 +253,7 @@ class Handler:
         delivery: DeliveryInfo,
         accepted_as: str | None,
     ) -> ResultEvent:
-        fields = _event_fields(command)
+        fields = command_fields(command)
         try:
             reply = await self._send_or_collect(command, budget, accepted_as)
         except RelayError as error:
@@ -299,7 +289,7 @@ class Handler:
             return await self._vendors.execute(command, budget)
         # Taken over from a holder that died collecting a 202: keep the response-id with
         # this claim too, then collect the answer it was waiting for.
-        log.info("collecting a dead holder's 202", extra=dict(_event_fields(command)))
+        log.info("collecting a dead holder's 202", extra=dict(command_fields(command)))
         budget.accepted_as = accepted_as
         await self._mark_accepted(command.key, accepted_as)
         return await self._vendors.collect(command, accepted_as, budget)
@@ -331,9 +321,9 @@ class Handler:
         # The holder died after the mutation may have reached the vendor, and before it
         # stored the answer: sending it again could act twice, so the command fails as
         # "result lost", exactly as after a 202 whose answer is gone.
-        log.warning("taken over after a holder died mid-call", extra=dict(_event_fields(command)))
+        log.warning("taken over after a holder died mid-call", extra=dict(command_fields(command)))
         event = result_event(
-            **_event_fields(command),
+            **command_fields(command),
             outcome="failed",
             started_at=now(),
             error=ErrorInfo(
@@ -343,9 +333,7 @@ class Handler:
                 "effect, so it was not sent again: check before re-sending",
             ),
         )
-        await self._held_through_outage(
-            lambda: self._store.complete(command.key, self._owner, event)
-        )
+        await self._complete(command.key, event)
         return Settlement.for_event(event)
 
     def _next_delay_s(self, command: Command, delivery: DeliveryInfo) -> float | None:
@@ -365,7 +353,7 @@ class Handler:
     ) -> ResultEvent:
         # A command that keeps crashing or hanging workers is not tried once more: it
         # gets a failed event and goes to the dead-letter queue.
-        log.warning("delivery limit reached", extra=dict(_event_fields(command)))
+        log.warning("delivery limit reached", extra=dict(command_fields(command)))
         error = ErrorInfo(
             code=ErrorCode.DELIVERY_LIMIT,
             message="the command was delivered too many times without finishing (a worker "
@@ -373,7 +361,7 @@ class Handler:
             retryable=False,
         )
         return result_event(
-            **_event_fields(command),
+            **command_fields(command),
             outcome="failed",
             started_at=started_at,
             attempts=delivery.attempts,
@@ -381,8 +369,8 @@ class Handler:
         )
 
     def _rejected(self, command: Command, error: CommandRejected) -> ResultEvent:
-        log.info("command rejected", extra={**_event_fields(command), "error_code": error.code})
-        return rejection(error.code, error.message, **_event_fields(command))
+        log.info("command rejected", extra={**command_fields(command), "error_code": error.code})
+        return rejection(error.code, error.message, **command_fields(command))
 
     def _conflict(self, command: Command) -> ResultEvent:
         return self._rejected(
@@ -401,15 +389,6 @@ class _RetryLater(Exception):
     def __init__(self, delay_s: float) -> None:
         super().__init__(f"retry in {delay_s}s")
         self.delay_s = delay_s
-
-
-def _event_fields(command: Command) -> CommandFields:
-    return {
-        "command_id": command.command_id,
-        "idempotency_key": command.key,
-        "command_type": command.type,
-        "tenant": command.tenant,
-    }
 
 
 def replay_for(command_id: str, stored: ResultEvent) -> ResultEvent:

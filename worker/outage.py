@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from worker.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 Probe = Callable[[], Awaitable[object]]
+T = TypeVar("T")
 
 
 class Outage:
@@ -41,6 +44,19 @@ class Outage:
         self._available.clear()
         log.warning("holding commands: %s", error.message)
         self._probing = asyncio.ensure_future(self._probe_until_back())
+
+    async def held(self, call: Callable[[], Awaitable[T]], hold_s: float) -> T:
+        """``call()``, tried again each time the stores answer after it found one away,
+        for ``hold_s`` at most; then its StoreUnavailable is raised."""
+        give_up_at = time.monotonic() + hold_s
+        while True:
+            try:
+                return await call()
+            except StoreUnavailable as error:
+                self.report(error)
+                left_s = give_up_at - time.monotonic()
+                if left_s <= 0 or not await self.wait(left_s):
+                    raise
 
     async def wait(self, timeout_s: float | None = None) -> bool:
         """Until the stores answer (True), or ``timeout_s`` passed (False)."""

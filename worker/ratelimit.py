@@ -26,7 +26,6 @@ import asyncio
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -188,29 +187,22 @@ class RateSlot:
 
     async def acquire(self) -> None:
         """Wait for this call's paced moment; the slot is taken once it is reserved."""
-        wait_s = await self._held(lambda: self.pacer.reserve(self.key, self.interval_s))
+        wait_s = await self.outage.held(
+            lambda: self.pacer.reserve(self.key, self.interval_s), self.outage_hold_s
+        )
         if wait_s > 0:
             await asyncio.sleep(wait_s)
 
     async def admit(self) -> None:
         """Return once the call may be sent now; send it at once (nothing awaited)."""
         while True:
-            wait_s = await self._held(
-                lambda: self.pacer.admit(self.key, self.amount, self.window_s)
+            wait_s = await self.outage.held(
+                lambda: self.pacer.admit(self.key, self.amount, self.window_s), self.outage_hold_s
             )
             if wait_s <= 0:
                 return
             await asyncio.sleep(wait_s)
 
-    async def _held(self, ask: Callable[[], Awaitable[float]]) -> float:
-        give_up_at = time.monotonic() + self.outage_hold_s
-        while True:
-            try:
-                return await ask()
-            except StoreUnavailable as error:
-                self.outage.report(error)
-                if not await self.outage.wait(give_up_at - time.monotonic()):
-                    raise
 
 
 class Unlimited:

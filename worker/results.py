@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TypedDict
 
+from schemas.commands import Command
 from schemas.events import ErrorCode, ErrorInfo, Outcome, ResultData, ResultEvent, VendorAnswer
 from worker.errors import CommandRejected, RelayError
 from worker.vendors.http import VendorReply
@@ -17,6 +18,16 @@ class CommandFields(TypedDict):
     idempotency_key: str | None
     command_type: str | None
     tenant: str | None
+
+
+def command_fields(command: Command) -> CommandFields:
+    """What addresses the event of a valid command."""
+    return {
+        "command_id": command.command_id,
+        "idempotency_key": command.key,
+        "command_type": command.type,
+        "tenant": command.tenant,
+    }
 
 
 def now() -> datetime:

@@ -106,7 +106,7 @@ class RelayService:
         return {
             "broker": self.consumer.connected.is_set,
             # Also not ready while commands are held for a store outage (the rate-limit
-            # store's too); the log says which store.
+            # store's too); /readyz's reasons say which store.
             "store": lambda: self.outage.available
             and self.loop.run(self.store.ping(), STORE_PING_TIMEOUT_S) is None,
         }

@@ -83,9 +83,10 @@ class Vendors:
     async def collect(self, command: Command, response_id: str, budget: CallBudget) -> VendorReply:
         """Collect the 202 a worker that died got for this command (ESET mutations only)."""
         match command:
-            case UpdateTriggersCommand(params=EsetUpdateTriggersParams() as params):
-                return await self.eset(command.tenant).collect(params, response_id, budget)
-            case BatchDeleteCommand(params=params):
+            case (
+                UpdateTriggersCommand(params=EsetUpdateTriggersParams() as params)
+                | BatchDeleteCommand(params=params)
+            ):
                 return await self.eset(command.tenant).collect(params, response_id, budget)
         raise AssertionError(f"{command.type} is never collected")  # only ESET answers 202
 
