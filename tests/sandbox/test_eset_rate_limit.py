@@ -35,6 +35,29 @@ def test_limit_is_per_account_not_per_token(
     assert response.status_code == 429
 
 
+def test_sub_addressed_users_are_accounts_with_their_own_limit(
+    eset_password_form: dict[str, str], client: httpx.Client, eset_headers: dict[str, str]
+) -> None:
+    for _ in range(10):
+        client.get(PATCHING, headers=eset_headers)
+    local, domain = eset_password_form["username"].split("@")
+    form = {**eset_password_form, "username": f"{local}+quiet@{domain}"}
+    quiet_token = client.post(TOKEN, data=form).json()["access_token"]
+
+    response = client.get(PATCHING, headers={"Authorization": f"Bearer {quiet_token}"})
+
+    assert response.status_code == 200
+
+
+def test_unrelated_user_is_refused(
+    eset_password_form: dict[str, str], client: httpx.Client
+) -> None:
+    local, domain = eset_password_form["username"].split("@")
+    for username in (f"{local}x@{domain}", f"{local}+q@other.example", f"{local}+q"):
+        response = client.post(TOKEN, data={**eset_password_form, "username": username})
+        assert response.status_code == 400, username
+
+
 def test_token_calls_do_not_count(
     eset_password_form: dict[str, str], client: httpx.Client, eset_headers: dict[str, str]
 ) -> None:

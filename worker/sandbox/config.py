@@ -19,6 +19,7 @@ class SandboxConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    # Sub-addresses (api+acme@sandbox.example) are accounts of their own, same password.
     eset_username: str = "api@sandbox.example"
     eset_password: str = "sandbox-password"
     fylr_username: str = "relay"

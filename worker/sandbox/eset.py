@@ -130,7 +130,9 @@ class Eset:
     def _password_grant(self, fields: Mapping[str, str]) -> Answer:
         config = self._state.config
         username = fields.get("username")
-        if username != config.eset_username or fields.get("password") != config.eset_password:
+        if not _is_account_of(username, config.eset_username) or (
+            fields.get("password") != config.eset_password
+        ):
             return _invalid_grant("Wrong username or password.")
         return _grant_answer(self._state.issue_token("eset", username, with_refresh=True))
 
@@ -240,3 +242,13 @@ def _grant_answer(grant: Grant) -> Answer:
 
 def _invalid_grant(description: str) -> Answer:
     return oauth_error(400, "invalid_grant", description)
+
+
+def _is_account_of(username: str | None, configured: str) -> bool:
+    """The configured user, or a sub-address of it (``api+acme@…`` for ``api@…``): each
+    is an account of its own, with its own rate limit, so one sandbox serves many."""
+    if username is None or "@" not in configured:
+        return username == configured
+    local, _, domain = configured.partition("@")
+    name, at, rest = username.partition("@")
+    return bool(at) and rest == domain and (name == local or name.startswith(f"{local}+"))
