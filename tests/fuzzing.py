@@ -989,9 +989,7 @@ class FuzzRig:
         topology = Topology.from_settings(settings)
         with connect(settings.broker_url) as connection:
             channel = connection.channel()
-            queues = [topology.command_queue, topology.dead_letter_queue,
-                      *topology.delay_queues.values()]
-            for queue in queues:
+            for queue in topology.queues:
                 with contextlib.suppress(*connection.channel_errors):
                     queue.bind(channel).delete()
             for exchange in (topology.commands, topology.events):

@@ -88,6 +88,7 @@ def running_relay(
         "command_queue": f"test.commands.{suffix}",
         "event_exchange": f"test.events.{suffix}",
         "dead_letter_queue": f"test.commands.dead.{suffix}",
+        "lane_queue_prefix": f"test.lane.{suffix}.",
         "retry_initial_wait_s": 0.01,
         "collect_interval_s": 0.05,
         **overrides,

@@ -111,9 +111,18 @@ def by_kind(spans: list[ReadableSpan], kind: SpanKind) -> list[ReadableSpan]:
     return [s for s in spans if s.kind is kind]
 
 
+def routing_and_handling(spans: list[ReadableSpan]) -> tuple[ReadableSpan, ReadableSpan]:
+    """The delivery from the command queue that forwarded the command to its lane, and
+    the delivery from the lane that handled it."""
+    (routing,) = [s for s in by_kind(spans, SpanKind.CONSUMER)
+                  if (s.attributes or {})["relay.outcome"] == "laned"]
+    (handling,) = [s for s in by_kind(spans, SpanKind.CONSUMER) if s is not routing]
+    return routing, handling
+
+
 def test_process_span_continues_the_publishers_trace(followed):
     command, publisher_span, _, spans = followed
-    (process,) = by_kind(spans, SpanKind.CONSUMER)
+    _, process = routing_and_handling(spans)
     assert process.parent is not None
     assert process.parent.span_id == publisher_span.get_span_context().span_id
     assert [link.context.span_id for link in process.links] == [
@@ -122,8 +131,8 @@ def test_process_span_continues_the_publishers_trace(followed):
     attributes = process.attributes or {}
     assert attributes["messaging.system"] == "rabbitmq"
     assert attributes["messaging.operation.type"] == "process"
-    assert attributes["messaging.destination.name"].startswith("test.commands.")
-    assert attributes["messaging.rabbitmq.destination.routing_key"] == "unknown"
+    assert attributes["messaging.destination.name"].startswith("test.lane.")
+    assert attributes["messaging.destination.name"].endswith(".eset.default")
     assert attributes["messaging.message.id"]
     assert attributes["relay.command.type"] == "batch-delete"
     assert attributes["relay.idempotency_key"] == command["idempotency_key"]
@@ -131,9 +140,20 @@ def test_process_span_continues_the_publishers_trace(followed):
     assert attributes["relay.outcome"] == "succeeded"
 
 
+def test_the_delivery_that_forwarded_the_command_to_its_lane_is_traced_too(followed):
+    command, publisher_span, _, spans = followed
+    routing, _ = routing_and_handling(spans)
+    assert routing.parent is not None
+    assert routing.parent.span_id == publisher_span.get_span_context().span_id
+    attributes = routing.attributes or {}
+    assert attributes["messaging.destination.name"].startswith("test.commands.")
+    assert attributes["messaging.rabbitmq.destination.routing_key"] == "unknown"
+    assert attributes["relay.idempotency_key"] == command["idempotency_key"]
+
+
 def test_every_http_attempt_and_collect_is_a_client_span(followed):
     _, _, _, spans = followed
-    (process,) = by_kind(spans, SpanKind.CONSUMER)
+    _, process = routing_and_handling(spans)
     calls = sorted(by_kind(spans, SpanKind.CLIENT), key=lambda s: s.start_time or 0)
     statuses = [(s.attributes or {})["http.response.status_code"] for s in calls]
     assert statuses[:2] == [429, 202] and statuses[-1] == 200
@@ -150,7 +170,7 @@ def test_every_http_attempt_and_collect_is_a_client_span(followed):
 
 def test_publish_span_is_injected_into_the_event_headers(followed):
     _, publisher_span, reply, spans = followed
-    (process,) = by_kind(spans, SpanKind.CONSUMER)
+    _, process = routing_and_handling(spans)
     producers = [p for p in by_kind(spans, SpanKind.PRODUCER)
                  if p.context.span_id != publisher_span.get_span_context().span_id]
     assert len(producers) == 2  # the events exchange and the reply_to queue
@@ -171,8 +191,11 @@ def test_metrics_count_the_command_its_attempts_and_vendor_answers(followed, tra
     statuses = {p.attributes["http.response.status_code"]: p.value
                 for p in traced.metric_points("relay.vendor.responses")}
     assert statuses[429] == 1 and statuses[202] >= 1 and statuses[200] == 1
-    (duration,) = traced.metric_points("relay.command.duration")
-    assert duration.count == 1
+    durations = {p.attributes["relay.outcome"]: p.count
+                 for p in traced.metric_points("relay.command.duration")}
+    assert durations == {"laned": 1, "succeeded": 1}  # one per delivery
+    (lane_wait,) = traced.metric_points("relay.lane.wait")
+    assert lane_wait.count == 1 and lane_wait.attributes == {"relay.lane": "eset.default"}
 
 
 def test_json_logs_carry_trace_and_command_ids_and_no_secrets(followed, json_logs: io.StringIO):

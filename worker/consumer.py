@@ -25,9 +25,10 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-from kombu import Connection, Producer
+from kombu import Connection, Producer, Queue
 from kombu import Consumer as KombuConsumer
 from kombu.message import Message
 from opentelemetry.trace import Span, StatusCode
@@ -39,6 +40,7 @@ from worker.confirms import Confirms
 from worker.decoding import Rejected, decode_message, fields_of, preview, usable_text
 from worker.errors import StoreUnavailable
 from worker.handler import Action, DeliveryInfo, Settlement
+from worker.lanes import Lane, LaneMonitor
 from worker.outage import Outage
 from worker.publisher import Publisher
 from worker.results import CommandFields, command_fields, now, result_event
@@ -62,6 +64,7 @@ class Delivery:
     message: Message
     span: Span  # the process span; ended at settlement
     generation: int  # which connection it came on; only that one's channel can ack it
+    lane: Lane | None  # the lane it came from; None: the command queue
     message_id: str | None  # the AMQP message_id, when it is usable text
     fields: CommandFields  # what addresses its event, as far as it is known
     received_at: float = field(default_factory=time.monotonic)
@@ -77,6 +80,7 @@ class ConsumerSettings:
     delivery_limit: int = 10
     shutdown_grace_s: float = 30.0
     heartbeat_s: int = 30
+    lane_poll_interval_s: float = 2.0  # how often lane backlogs are asked for (metrics)
     max_message_bytes: int = 256 * 1024
     # reply_to is honoured for these queue name prefixes only: queues a publisher owns.
     reply_to_prefixes: tuple[str, ...] = ("relay.replies.", "amq.gen-", "amq.rabbitmq.reply-to")
@@ -97,6 +101,10 @@ class CommandConsumer:
         self._outage = outage or Outage({})
         self._telemetry = telemetry
         self._metrics = telemetry.instruments
+        self.lane_monitor = LaneMonitor(
+            topology.lanes.values(), self._metrics, settings.broker_url,
+            settings.lane_poll_interval_s,
+        )
         self._finished: deque[tuple[Delivery, asyncio.Task[Settlement]]] = deque()
         self._tasks: set[asyncio.Task[Settlement]] = set()  # strong references while running
         self._slots = asyncio.Semaphore(settings.concurrency)
@@ -134,7 +142,7 @@ class CommandConsumer:
                     await self._consume(connection, stop)
                 return
             except (OSError, *self._connection_errors) as error:
-                log.warning("broker connection lost (%s)", error)
+                log.warning("broker connection lost (%r)", error)
             except Exception:
                 # A bug, not the broker: the connection is started anew (its unacked
                 # deliveries come back) rather than the process ending with them.
@@ -149,39 +157,53 @@ class CommandConsumer:
 
     async def _consume(self, connection: Connection, stop: threading.Event) -> None:
         self._generation += 1
-        channel = connection.channel()
-        if hasattr(channel, "auto_decode"):
-            # py-amqp would decode a body in whatever content_encoding the publisher names
-            # (latin-1, utf-16) before we see it: bytes as sent are what is checked, and
-            # what the dead-letter queue keeps.
-            channel.auto_decode = False
-        _keep_bodies_as_sent(channel)
+        channel = _open_channel(connection)
         self.topology.declare(channel)
         confirms = Confirms(channel, enabled=is_amqp(self._settings.broker_url))
         publisher = self._publisher = Publisher(
             Producer(channel), self.topology, self._telemetry.tracer, confirms
         )
-        consumer = KombuConsumer(
-            channel,
-            queues=[self.topology.command_queue],
-            on_message=self._on_message,
-            # kombu could not take the message apart: it is a message all the same, and
-            # is rejected for what it is.
-            on_decode_error=lambda message, error: self._on_message(message),
-            prefetch_count=self._settings.prefetch,
-        )
-        with consumer, self._watching(connection):
-            self.connected.set()
-            log.info("consuming", extra={"queue": self.topology.command_queue.name})
-            while not stop.is_set():
-                self._settle_finished(publisher)
-                self._drain(connection)
-                await self._wait(IDLE_WAIT_S)
+        lanes = self.topology.lanes.values()
+        with contextlib.ExitStack() as consuming:
+            consumers = [
+                consuming.enter_context(self._consumer(channel, self.topology.command_queue,
+                                                       None, self._settings.prefetch)),
+                # A channel per lane: the broker applies each one's prefetch on its own.
+                *(
+                    consuming.enter_context(
+                        self._consumer(_open_channel(connection), lane.queue, lane, lane.prefetch)
+                    )
+                    for lane in lanes
+                ),
+            ]
+            with self._watching(connection):
+                self.connected.set()
+                log.info("consuming", extra={"queue": self.topology.command_queue.name,
+                                             "lanes": len(lanes)})
+                while not stop.is_set():
+                    self._settle_finished(publisher)
+                    self._drain(connection)
+                    await self._wait(IDLE_WAIT_S)
             # Stop taking new messages (those already sent to us go back unacked when the
             # channel closes) and finish what is in flight.
             self._stopping = True
-            consumer.cancel()
+            for consumer in consumers:
+                consumer.cancel()
             await self._finish_in_flight(connection, publisher)
+
+    def _consumer(
+        self, channel: Any, queue: Queue, lane: Lane | None, prefetch: int
+    ) -> KombuConsumer:
+        on_message = partial(self._on_message, lane=lane)
+        return KombuConsumer(
+            channel,
+            queues=[queue],
+            on_message=on_message,
+            # kombu could not take the message apart: it is a message all the same, and
+            # is rejected for what it is.
+            on_decode_error=lambda message, error: on_message(message),
+            prefetch_count=prefetch,
+        )
 
     @contextlib.contextmanager
     def _watching(self, connection: Connection) -> Iterator[None]:
@@ -199,6 +221,11 @@ class CommandConsumer:
             yield
         finally:
             loop.remove_reader(fd)
+            self._socket = None  # polled from here on (the shutdown's last settlements)
+            if sock.fileno() == fd:
+                # uvloop left the socket non-blocking behind py-amqp's back: a call that
+                # waits for the broker's answer (cancelling the consumers) would fail.
+                sock.settimeout(sock.gettimeout())
 
     def _on_readable(self) -> None:
         self._readable = True
@@ -237,50 +264,60 @@ class CommandConsumer:
             # stored results (if any) are replayed on redelivery.
             log.warning("%d commands still in flight at shutdown; requeued", self._in_flight)
 
-    def _on_message(self, message: Message) -> None:
+    def _on_message(self, message: Message, lane: Lane | None = None) -> None:
         """Start the message's task. py-amqp may call this in the middle of a publish (it
         reads incoming frames while it writes), so nothing here settles or publishes."""
         if self._stopping:
             return  # not started: the broker gives it to another replica
-        delivery = self._receive(message)
+        delivery = self._receive(message, lane)
         self._metrics.in_flight.add(1)
         task = asyncio.ensure_future(self._process(delivery))
         self._tasks.add(task)
         task.add_done_callback(lambda done: self._finish(delivery, done))
 
-    def _receive(self, message: Message) -> Delivery:
+    def _receive(self, message: Message, lane: Lane | None) -> Delivery:
         message_id = usable_text(message.properties.get("message_id"))
+        queue = (lane.queue if lane else self.topology.command_queue).name
         try:
             span = start_process_span(
                 self._telemetry.tracer,
-                self.topology.command_queue.name,
+                queue,
                 message.headers,
                 message.delivery_info.get("routing_key"),
                 message_id,
             )
         except Exception:  # a publisher's trace headers are input too: trace without them
             log.warning("trace context not usable", exc_info=True)
-            span = start_process_span(
-                self._telemetry.tracer, self.topology.command_queue.name, {}, None, message_id
-            )
-        return Delivery(message, span, self._generation, message_id, fields_of(None, message_id))
+            span = start_process_span(self._telemetry.tracer, queue, {}, None, message_id)
+        if lane is not None:
+            self.lane_monitor.delivered(lane, message)
+        fields = fields_of(None, message_id)
+        return Delivery(message, span, self._generation, lane, message_id, fields)
 
     async def _process(self, delivery: Delivery) -> Settlement:
         # New work waits while a store is away: it could not be done safely meanwhile.
         await self._outage.wait()
+        if self._stopping:  # not started: the broker gives it to another replica
+            return Settlement(None, Action.REQUEUE)
+        message = delivery.message
+        decoded = decode_message(
+            message.body,
+            delivery.message_id,
+            content_type=message.content_type,
+            content_encoding=_compressed_as(message) or message.content_encoding,
+            max_bytes=self._settings.max_message_bytes,
+        )
+        self._describe(delivery, decoded)
+        info = self._delivery_info(message)
+        if delivery.lane is not None:  # bounded by the lane's prefetch, not the slots
+            return await self._handle(decoded, info, delivery.span)
+        lane = self.topology.lane_for(decoded)
+        if lane is not None:
+            return Settlement(None, Action.FORWARD, queue=lane.queue.name)
         async with self._slots:
-            if self._stopping:  # not started: the broker gives it to another replica
+            if self._stopping:
                 return Settlement(None, Action.REQUEUE)
-            message = delivery.message
-            decoded = decode_message(
-                message.body,
-                delivery.message_id,
-                content_type=message.content_type,
-                content_encoding=_compressed_as(message) or message.content_encoding,
-                max_bytes=self._settings.max_message_bytes,
-            )
-            self._describe(delivery, decoded)
-            return await self._handle(decoded, self._delivery_info(message), delivery.span)
+            return await self._handle(decoded, info, delivery.span)
 
     def _describe(self, delivery: Delivery, decoded: Command | Rejected) -> None:
         if isinstance(decoded, Rejected):
@@ -372,6 +409,9 @@ class CommandConsumer:
         # Acked once the broker has confirmed these publishes; a refused one puts the
         # command back, and its redelivery replays the stored result.
         with publisher.confirms.group(message.ack, message.requeue):
+            if settlement.action is Action.FORWARD:
+                publisher.to_lane(message, settlement.queue)
+                return
             if settlement.action is Action.DELAY:
                 queue = self.topology.delay_queues[settlement.delay_s].name
                 publisher.delay(message, queue, settlement.retries, settlement.attempts)
@@ -401,10 +441,12 @@ class CommandConsumer:
 
     def _record(self, delivery: Delivery, settlement: Settlement) -> None:
         event = settlement.event
-        outcome = event.data.outcome if event else "requeued"
+        laned = settlement.action is Action.FORWARD
+        outcome = event.data.outcome if event else "laned" if laned else "requeued"
         attributes = {**delivery.attributes, "relay.outcome": outcome}
         self._metrics.in_flight.add(-1)
-        self._metrics.commands.add(1, attributes)
+        if not laned:  # counted when its lane's delivery settles
+            self._metrics.commands.add(1, attributes)
         self._metrics.command_duration.record(time.monotonic() - delivery.received_at, attributes)
         if event is not None and event.data.replayed:
             self._metrics.replays.add(1, delivery.attributes)
@@ -414,6 +456,17 @@ class CommandConsumer:
             if outcome == "failed":
                 delivery.span.set_status(StatusCode.ERROR, event.data.error.message)
         delivery.span.end()
+
+
+def _open_channel(connection: Connection) -> Any:
+    channel = connection.channel()
+    if hasattr(channel, "auto_decode"):
+        # py-amqp would decode a body in whatever content_encoding the publisher names
+        # (latin-1, utf-16) before we see it: bytes as sent are what is checked, and
+        # what the dead-letter queue keeps.
+        channel.auto_decode = False
+    _keep_bodies_as_sent(channel)
+    return channel
 
 
 def _socket_of(connection: Connection) -> socket.socket | None:

@@ -50,6 +50,7 @@ class Action(Enum):
     DEAD_LETTER = "dead_letter"  # the original is kept in the dead-letter queue
     REQUEUE = "requeue"
     DELAY = "delay"  # back to the command queue after a delay queue's TTL; the original is acked
+    FORWARD = "forward"  # to its lane (worker/lanes.py); the original is acked
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Settlement:
     delay_s: float = 0.0  # DELAY: how long the command waits before it comes back
     retries: int = 0  # DELAY: the delayed retries it will have taken
     attempts: int = 0  # DELAY: the vendor calls made for it so far
+    queue: str = ""  # FORWARD: the lane's queue
 
     @classmethod
     def for_event(cls, event: ResultEvent) -> Settlement:

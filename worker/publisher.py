@@ -7,6 +7,7 @@ acks a delivery only once the broker has confirmed what was published for it
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from kombu import Producer
@@ -17,6 +18,7 @@ from opentelemetry.trace import Span, Tracer
 
 from schemas.events import EVENT_CONTENT_TYPE, ResultEvent
 from worker.confirms import Confirms
+from worker.lanes import LANED_AT_HEADER
 from worker.telemetry import messaging_attributes, trace_headers
 from worker.topology import Topology
 
@@ -59,9 +61,14 @@ class Publisher:
     def delay(self, command: Message, queue: str, retries: int, attempts: int) -> None:
         """Send the command, as it came, to a delay queue; it returns to the command queue
         when the queue's TTL runs out. The headers carry what the next delivery needs."""
-        headers = _forwardable(command.headers)
-        headers.pop("x-delivery-count", None)  # a fresh message: the broker counts anew
+        headers = _as_new_message(command.headers)
         headers.update({"x-relay-retries": retries, "x-relay-attempts": attempts})
+        self._forward(command, queue, headers)
+
+    def to_lane(self, command: Message, queue: str) -> None:
+        """Send the command, as it came, to its lane, noting when it entered it."""
+        headers = _as_new_message(command.headers)
+        headers[LANED_AT_HEADER] = time.time()
         self._forward(command, queue, headers)
 
     def _forward(self, command: Message, queue: str, headers: dict[str, Any]) -> None:
@@ -118,6 +125,14 @@ class Publisher:
                 retry=False,
             )
             self.confirms.published()
+
+
+def _as_new_message(headers: Any) -> dict[str, Any]:
+    """The headers of a command sent on as a new message: the broker counts its
+    deliveries anew."""
+    forwarded = _forwardable(headers)
+    forwarded.pop("x-delivery-count", None)
+    return forwarded
 
 
 def _forwardable(headers: Any) -> dict[str, Any]:

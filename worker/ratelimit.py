@@ -215,6 +215,12 @@ class Unlimited:
         return None
 
 
+def calls_per_s(text: str) -> float:
+    """The sustained rate a limit allows (``"10/second"``: 10.0)."""
+    window_s, amount = _window_s_and_amount(text)
+    return amount / window_s
+
+
 def _window_s_and_amount(text: str) -> tuple[float, int]:
     item = parse(text)
     return float(item.get_expiry()), int(item.amount)

@@ -84,6 +84,7 @@ class RelayService:
                 shutdown_grace_s=settings.shutdown_grace_s,
                 max_message_bytes=settings.max_message_bytes,
                 reply_to_prefixes=settings.reply_to_prefixes,
+                lane_poll_interval_s=settings.lane_poll_interval_s,
             ),
             topology,
             self._handle_in,
@@ -129,9 +130,14 @@ class RelayService:
             )
             health.start()
             log.info("health endpoints on port %d", health.port)
+        monitor = threading.Thread(
+            target=self.consumer.lane_monitor.run, args=(stop,), name="lanes", daemon=True
+        )
+        monitor.start()
         try:
             self.loop.run(self.consumer.run(stop))
         finally:
+            monitor.join(STORE_PING_TIMEOUT_S)
             if health is not None:
                 health.stop()
             self.loop.run(self.vendors.aclose())

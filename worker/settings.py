@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     command_queue: str = "relay.commands"
     event_exchange: str = "relay.events"
     dead_letter_queue: str = "relay.commands.dead"
+    # Handlers running at once for commands of the command queue; each lane adds at most
+    # its prefetch.
     concurrency: int = Field(default=32, ge=1, le=1000)
     # Messages RabbitMQ may hand a replica ahead of its handlers (default: twice the
     # concurrency). A settled delivery holds its slot until its event's confirm arrives, so
@@ -79,6 +81,14 @@ class Settings(BaseSettings):
     # A command larger than this is rejected before it is parsed (1000 object uuids, the
     # largest batch, take about 42 KiB). With the prefetch it bounds the bytes held.
     max_message_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # Lanes (worker/lanes.py): each configured account of a rate-limited vendor gets a
+    # queue of its own, <prefix><vendor>.<tenant>, so its backlog waits there and not in
+    # the command queue. The worker declares and consumes them; publishers never use them.
+    lane_queue_prefix: str = Field(default="relay.lane.", min_length=1, max_length=120)
+    # Deliveries a replica takes from one lane at once (default: 3 s of its budget, 30
+    # for ESET's 10/s). Lane deliveries do not take the command queue's handler slots.
+    lane_prefetch: int | None = Field(default=None, ge=1, le=65535)
+    lane_poll_interval_s: float = Field(default=2, gt=0)  # lane backlog metrics, this often
     # reply_to is honoured only for queues a publisher owns: these name prefixes (the
     # server-named amq.gen-*, RabbitMQ's direct reply-to, and the client's own replies).
     reply_to_prefixes: tuple[str, ...] = ("relay.replies.", "amq.gen-", "amq.rabbitmq.reply-to")

@@ -22,7 +22,14 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from opentelemetry import metrics, propagate, trace
-from opentelemetry.metrics import Counter, Histogram, Meter, MeterProvider, UpDownCounter
+from opentelemetry.metrics import (
+    Counter,
+    Histogram,
+    Meter,
+    MeterProvider,
+    UpDownCounter,
+)
+from opentelemetry.metrics import _Gauge as Gauge  # the API's synchronous gauge
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -47,6 +54,9 @@ class Instruments:
     rate_limit_wait: Histogram
     replays: Counter
     dead_letters: Counter
+    lane_wait: Histogram  # a command's time in its lane, by lane
+    lane_backlog: Gauge  # commands waiting in a lane, as the broker counts them
+    lane_oldest_wait: Gauge  # how long the oldest of them has waited (at most)
 
     @classmethod
     def on(cls, meter: Meter) -> Instruments:
@@ -77,6 +87,16 @@ class Instruments:
             ),
             dead_letters=meter.create_counter(
                 "relay.dead_letters", unit="{message}", description="Messages dead-lettered"
+            ),
+            lane_wait=meter.create_histogram(
+                "relay.lane.wait", unit="s", description="Time commands waited in their lane"
+            ),
+            lane_backlog=meter.create_gauge(
+                "relay.lane.backlog", unit="{command}", description="Commands waiting in a lane"
+            ),
+            lane_oldest_wait=meter.create_gauge(
+                "relay.lane.oldest_wait", unit="s",
+                description="How long the oldest command of a lane has waited, at most",
             ),
         )
 

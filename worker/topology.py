@@ -1,5 +1,6 @@
 """The broker objects of the contract: exchanges, the command queue, the dead-letter queue,
-and (RabbitMQ only) the delay queues of delayed retries.
+the worker's own lanes (``worker/lanes.py``) and (RabbitMQ only) the delay queues of
+delayed retries.
 
 On RabbitMQ the command queue is a durable quorum queue whose ``delivery-limit`` dead-letters
 a message that keeps crashing workers. A delay queue holds a message for its TTL, then
@@ -15,7 +16,10 @@ from dataclasses import dataclass, field
 
 from kombu import Exchange, Queue
 
+from schemas.commands import Command
 from worker.broker import is_amqp
+from worker.decoding import Rejected
+from worker.lanes import Lane, lanes_from, vendor_of
 from worker.settings import Settings
 
 SAFE_DEAD_LETTERING = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
@@ -28,6 +32,7 @@ class Topology:
     events: Exchange
     dead_letter_queue: Queue
     delay_queues: dict[float, Queue] = field(default_factory=dict)  # by delay in seconds
+    lanes: dict[tuple[str, str], Lane] = field(default_factory=dict)  # by (vendor, tenant)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topology:
@@ -63,14 +68,26 @@ class Topology:
             events=Exchange(settings.event_exchange, type="topic", durable=True),
             dead_letter_queue=dead_letters,
             delay_queues={d: _delay_queue(settings.command_queue, d) for d in sorted(delays)},
+            # A lane is a command queue of its own: the same poison guard and dead letters.
+            lanes=lanes_from(settings, arguments),
         )
+
+    def lane_for(self, decoded: Command | Rejected) -> Lane | None:
+        """The lane a command from the command queue goes to; None: handled from there."""
+        if isinstance(decoded, Rejected):
+            return None
+        return self.lanes.get((vendor_of(decoded), decoded.tenant))
+
+    @property
+    def queues(self) -> list[Queue]:
+        """Every queue the worker declares."""
+        lanes = [lane.queue for lane in self.lanes.values()]
+        return [self.command_queue, self.dead_letter_queue, *self.delay_queues.values(), *lanes]
 
     def declare(self, channel: object) -> None:
         """Declare everything (idempotent; the same arguments every time)."""
         self.events.bind(channel).declare()
-        self.command_queue.bind(channel).declare()
-        self.dead_letter_queue.bind(channel).declare()
-        for queue in self.delay_queues.values():
+        for queue in self.queues:
             queue.bind(channel).declare()
 
 

@@ -93,8 +93,7 @@ def _delete_queues(amqp_url: str, relay: RunningRelay) -> None:
     connection = pika.BlockingConnection(pika_parameters(amqp_url))
     channel = connection.channel()
     topology = relay.service.consumer.topology
-    queues = [topology.command_queue, topology.dead_letter_queue, *topology.delay_queues.values()]
-    for queue in queues:
+    for queue in topology.queues:
         channel.queue_delete(queue.name)
     for exchange in (relay.settings.command_exchange, relay.settings.event_exchange):
         channel.exchange_delete(exchange)

@@ -129,7 +129,7 @@ class Eset:
 
     def _password_grant(self, fields: Mapping[str, str]) -> Answer:
         config = self._state.config
-        username = fields.get("username")
+        username = fields.get("username", "")
         if not _is_account_of(username, config.eset_username) or (
             fields.get("password") != config.eset_password
         ):
@@ -244,10 +244,10 @@ def _invalid_grant(description: str) -> Answer:
     return oauth_error(400, "invalid_grant", description)
 
 
-def _is_account_of(username: str | None, configured: str) -> bool:
+def _is_account_of(username: str, configured: str) -> bool:
     """The configured user, or a sub-address of it (``api+acme@…`` for ``api@…``): each
     is an account of its own, with its own rate limit, so one sandbox serves many."""
-    if username is None or "@" not in configured:
+    if "@" not in configured:
         return username == configured
     local, _, domain = configured.partition("@")
     name, at, rest = username.partition("@")
