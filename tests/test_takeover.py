@@ -109,3 +109,59 @@ def test_a_holder_stopped_mid_collect_leaves_its_202_claimed(
 
     taken = asyncio.run(main())
     assert isinstance(taken, Claimed) and taken.after_send and taken.response_id
+
+
+class FirstMarkStalls(SqliteStore):
+    """The first "sent" mark waits for ``resume``: its delivery stalled (a lost
+    connection, a starved loop) between taking its rate slot and marking the key."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, lease_s=5.0, retention_s=600)
+        self.stalled, self.resume, self.marked = asyncio.Event(), asyncio.Event(), 0
+
+    async def mark_sent(self, key: str, owner: str) -> bool:
+        if not self.stalled.is_set():
+            self.stalled.set()
+            await self.resume.wait()
+        self.marked += 1
+        return await super().mark_sent(key, owner)
+
+    async def expire_leases(self) -> None:
+        await self._run(lambda: self._db.execute("UPDATE claims SET lease_until = 0"))
+
+
+def test_a_delivery_that_lost_its_claim_does_not_send_beside_its_own_redelivery(
+    sandbox: SandboxServer, tmp_path: Path
+) -> None:
+    """A delivery stalled past its lease and the redelivery that took its key over run
+    in the same process: only one of them may send."""
+    settings = settings_for(sandbox)
+    policy = RetryPolicy(max_attempts=2, initial_wait_s=0.01, max_wait_s=0.05)
+    object_uuid = str(uuid.uuid4())
+    command = batch_delete(object_uuid).with_defaults(f"m-{uuid.uuid4()}")
+    sandbox.state.faults = Faults(latency_ms=500)  # the redelivery's call is in flight...
+
+    async def main() -> list[Settlement]:
+        store = FirstMarkStalls(tmp_path / "store.sqlite3")
+        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy)
+        handler = Handler(store, vendors, policy, HandlerTimings(command_timeout_s=10),
+                          "one-process")
+        try:
+            first = asyncio.create_task(handler.handle(command))
+            await store.stalled.wait()
+            await store.expire_leases()  # its lease ran out while it stalled
+            redelivery = asyncio.create_task(handler.handle(command))
+            while store.marked == 0:
+                await asyncio.sleep(0.01)
+            store.resume.set()  # ...when the stalled delivery wakes up
+            return list(await asyncio.gather(first, redelivery))
+        finally:
+            await vendors.aclose()
+            await store.close()
+
+    settlements = asyncio.run(main())
+    stats = sandbox.state.stats()
+    assert stats["calls"]["eset.batch_delete"] == 1
+    assert stats["effects"]["eset.batch_delete"] == {object_uuid: 1}
+    replayed = sorted(s.event.data.replayed for s in settlements if s.event is not None)
+    assert replayed == [False, True]  # one sent, the other replays its event

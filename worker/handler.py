@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
+from functools import partial
 from typing import TypeVar
 
 from schemas.commands import Command
@@ -106,7 +108,7 @@ class Handler:
         self._vendors = vendors
         self._policy = policy
         self._timings = timings
-        self._owner = owner  # this process, as the holder of idempotency claims
+        self._owner = owner  # this process; each claim it makes is held in a name of its own
         self._outage = outage or Outage({})
 
     async def handle(
@@ -125,8 +127,9 @@ class Handler:
             )
         deadline = self._budget_deadline(command)
         while True:
+            holder = self._new_holder()
             claim = await self._held_through_outage(
-                lambda: self._store.claim(command.key, fingerprint(command), self._owner)
+                partial(self._store.claim, command.key, fingerprint(command), holder)
             )
             match claim:
                 case Completed(event=stored):
@@ -136,11 +139,13 @@ class Handler:
                 case Claimed(after_send=True, response_id=None) if (
                     command.type not in READ_ONLY_TYPES
                 ):
-                    return await self._after_dead_holder(command)
+                    return await self._after_dead_holder(command, holder)
                 case Claimed(response_id=response_id):
                     # With a response_id the dead holder's 202 is collected, not resent.
                     try:
-                        return await self._run_claimed(command, deadline, delivery, response_id)
+                        return await self._run_claimed(
+                            command, holder, deadline, delivery, response_id
+                        )
                     except _ClaimLost:
                         continue  # another worker has the key now: see what it says
                 case InProgress(lease_left_s=lease_left_s):
@@ -160,8 +165,9 @@ class Handler:
         the same message gets it again, marked replayed, rather than a second one."""
         key = REJECTION_KEY_PREFIX + digest
         while True:
+            holder = self._new_holder()
             claim = await self._held_through_outage(
-                lambda: self._store.claim(key, digest, self._owner)
+                partial(self._store.claim, key, digest, holder)
             )
             match claim:
                 case Completed(event=stored):
@@ -169,7 +175,7 @@ class Handler:
                 case InProgress(lease_left_s=lease_left_s):  # another delivery, storing it
                     await self._policy.sleep(min(self._timings.defer_poll_s, lease_left_s))
                 case _:
-                    await self._complete(key, event)
+                    await self._complete(key, holder, event)
                     return Settlement.for_event(event)
 
     async def _held_through_outage(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -177,8 +183,14 @@ class Handler:
         StoreUnavailable, and the command goes back to the queue."""
         return await self._outage.held(call, self._timings.command_timeout_s)
 
-    async def _complete(self, key: str, event: ResultEvent) -> None:
-        await self._held_through_outage(lambda: self._store.complete(key, self._owner, event))
+    def _new_holder(self) -> str:
+        """A name for one claim. Per claim, not per process: a delivery still running on
+        a lost connection (or starved past its lease) then can not mark, renew or release
+        the claim its own redelivery took in the same process."""
+        return f"{self._owner}:{uuid.uuid4().hex[:12]}"
+
+    async def _complete(self, key: str, holder: str, event: ResultEvent) -> None:
+        await self._held_through_outage(lambda: self._store.complete(key, holder, event))
 
     def _check_acceptable(self, command: Command) -> None:
         self._vendors.tenant(command.tenant)
@@ -199,6 +211,7 @@ class Handler:
     async def _run_claimed(
         self,
         command: Command,
+        holder: str,
         deadline: float,
         delivery: DeliveryInfo,
         accepted_as: str | None = None,
@@ -211,19 +224,21 @@ class Handler:
             deadline=deadline,
             retry_deadline=retry_deadline,
             prior_attempts=delivery.attempts,
-            before_first_mutation=lambda: self._mark_sent(command.key),
-            on_accepted=lambda response_id: self._mark_accepted(command.key, response_id),
+            before_first_mutation=lambda: self._mark_sent(command.key, holder),
+            on_accepted=lambda response_id: self._mark_accepted(command.key, holder, response_id),
         )
-        renewing = asyncio.create_task(self._keep_lease(command.key))
+        renewing = asyncio.create_task(self._keep_lease(command.key, holder))
         try:
             if delivery.last_delivery:
                 event = self._delivery_limit_reached(command, started_at, delivery)
             else:
-                event = await self._execute(command, budget, started_at, delivery, accepted_as)
+                event = await self._execute(
+                    command, holder, budget, started_at, delivery, accepted_as
+                )
         except _ClaimLost:
             raise  # not ours to release
         except _RetryLater as later:
-            await self._release(command.key)  # the retry claims it again
+            await self._release(command.key, holder)  # the retry claims it again
             return Settlement(
                 None, Action.DELAY, later.delay_s, delivery.retries + 1,
                 delivery.attempts + budget.attempts,
@@ -232,24 +247,25 @@ class Handler:
             # Let a redelivery retry; but a 202'd request stays claimed (with its
             # response-id), so whoever takes it next collects it instead of resending.
             if budget.accepted_as is None:
-                await self._release(command.key)
+                await self._release(command.key, holder)
             raise
         finally:
             renewing.cancel()
         # The outbox: stored before it is published, so a crash after this point
         # replays the event instead of calling the vendor again.
-        await self._complete(command.key, event)
+        await self._complete(command.key, holder, event)
         return Settlement.for_event(event)
 
-    async def _release(self, key: str) -> None:
+    async def _release(self, key: str, holder: str) -> None:
         # With the store away the claim stays until its lease runs out; the redelivery
         # then takes it over (or waits for it), which is all a release would allow sooner.
         with contextlib.suppress(StoreUnavailable):
-            await self._store.release(key, self._owner)
+            await self._store.release(key, holder)
 
     async def _execute(
         self,
         command: Command,
+        holder: str,
         budget: CallBudget,
         started_at: datetime,
         delivery: DeliveryInfo,
@@ -257,7 +273,7 @@ class Handler:
     ) -> ResultEvent:
         fields = command_fields(command)
         try:
-            reply = await self._send_or_collect(command, budget, accepted_as)
+            reply = await self._send_or_collect(command, holder, budget, accepted_as)
         except RelayError as error:
             delay_s = self._next_delay_s(command, delivery) if error.retryable else None
             if delay_s is not None:
@@ -285,7 +301,7 @@ class Handler:
         )
 
     async def _send_or_collect(
-        self, command: Command, budget: CallBudget, accepted_as: str | None
+        self, command: Command, holder: str, budget: CallBudget, accepted_as: str | None
     ) -> VendorReply:
         if accepted_as is None:
             return await self._vendors.execute(command, budget)
@@ -293,33 +309,33 @@ class Handler:
         # this claim too, then collect the answer it was waiting for.
         log.info("collecting a dead holder's 202", extra=dict(command_fields(command)))
         budget.accepted_as = accepted_as
-        await self._mark_accepted(command.key, accepted_as)
+        await self._mark_accepted(command.key, holder, accepted_as)
         return await self._vendors.collect(command, accepted_as, budget)
 
-    async def _mark_accepted(self, key: str, response_id: str) -> None:
+    async def _mark_accepted(self, key: str, holder: str, response_id: str) -> None:
         marked = await self._held_through_outage(
-            lambda: self._store.mark_accepted(key, self._owner, response_id)
+            lambda: self._store.mark_accepted(key, holder, response_id)
         )
         if not marked:
             raise _ClaimLost(key)
 
-    async def _mark_sent(self, key: str) -> None:
+    async def _mark_sent(self, key: str, holder: str) -> None:
         # A worker starved for longer than its lease may have lost the key to another one,
         # which then does the work: this one must not send it as well.
-        if not await self._held_through_outage(lambda: self._store.mark_sent(key, self._owner)):
+        if not await self._held_through_outage(lambda: self._store.mark_sent(key, holder)):
             raise _ClaimLost(key)
 
-    async def _keep_lease(self, key: str) -> None:
+    async def _keep_lease(self, key: str, holder: str) -> None:
         """Renew the claim while this worker is alive and working, so a slow vendor call
         is never mistaken for a dead holder (and done a second time)."""
         while True:
             await asyncio.sleep(self._timings.claim_lease_s / 3)
             try:
-                await self._store.renew(key, self._owner)
+                await self._store.renew(key, holder)
             except StoreUnavailable as error:
                 self._outage.report(error)  # renewed on the next round, if it is back
 
-    async def _after_dead_holder(self, command: Command) -> Settlement:
+    async def _after_dead_holder(self, command: Command, holder: str) -> Settlement:
         # The holder died after the mutation may have reached the vendor, and before it
         # stored the answer: sending it again could act twice, so the command fails as
         # "result lost", exactly as after a 202 whose answer is gone.
@@ -335,7 +351,7 @@ class Handler:
                 "effect, so it was not sent again: check before re-sending",
             ),
         )
-        await self._complete(command.key, event)
+        await self._complete(command.key, holder, event)
         return Settlement.for_event(event)
 
     def _next_delay_s(self, command: Command, delivery: DeliveryInfo) -> float | None:
