@@ -194,6 +194,8 @@ def test_metrics_count_the_command_its_attempts_and_vendor_answers(followed, tra
     durations = {p.attributes["relay.outcome"]: p.count
                  for p in traced.metric_points("relay.command.duration")}
     assert durations == {"laned": 1, "succeeded": 1}  # one per delivery
+    (duration, *_) = traced.metric_points("relay.command.duration")
+    assert duration.explicit_bounds[:2] == (0.005, 0.01)  # seconds, not milliseconds
     (lane_wait,) = traced.metric_points("relay.lane.wait")
     assert lane_wait.count == 1 and lane_wait.attributes == {"relay.lane": "eset.default"}
 

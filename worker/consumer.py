@@ -157,13 +157,14 @@ class CommandConsumer:
 
     async def _consume(self, connection: Connection, stop: threading.Event) -> None:
         self._generation += 1
-        channel = _open_channel(connection)
-        self.topology.declare(channel)
+        lanes = self.topology.lanes.values()
+        # Connecting and declaring wait for the broker (seconds while it starts up): not
+        # on the loop, where the handlers must keep renewing their claims meanwhile.
+        channel, lane_channels = await asyncio.to_thread(self._open, connection, len(lanes))
         confirms = Confirms(channel, enabled=is_amqp(self._settings.broker_url))
         publisher = self._publisher = Publisher(
             Producer(channel), self.topology, self._telemetry.tracer, confirms
         )
-        lanes = self.topology.lanes.values()
         with contextlib.ExitStack() as consuming:
             consumers = [
                 consuming.enter_context(self._consumer(channel, self.topology.command_queue,
@@ -171,9 +172,9 @@ class CommandConsumer:
                 # A channel per lane: the broker applies each one's prefetch on its own.
                 *(
                     consuming.enter_context(
-                        self._consumer(_open_channel(connection), lane.queue, lane, lane.prefetch)
+                        self._consumer(lane_channel, lane.queue, lane, lane.prefetch)
                     )
-                    for lane in lanes
+                    for lane, lane_channel in zip(lanes, lane_channels, strict=True)
                 ),
             ]
             with self._watching(connection):
@@ -190,6 +191,13 @@ class CommandConsumer:
             for consumer in consumers:
                 consumer.cancel()
             await self._finish_in_flight(connection, publisher)
+
+    def _open(self, connection: Connection, lanes: int) -> tuple[Any, list[Any]]:
+        """Connect, declare the topology, and open a channel for each lane. Nothing
+        consumes yet, so no delivery can arrive on this thread."""
+        channel = _open_channel(connection)
+        self.topology.declare(channel)
+        return channel, [_open_channel(connection) for _ in range(lanes)]
 
     def _consumer(
         self, channel: Any, queue: Queue, lane: Lane | None, prefetch: int

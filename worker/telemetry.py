@@ -39,6 +39,11 @@ from opentelemetry.trace import Tracer, TracerProvider
 
 SCOPE = "command-relay"
 MESSAGING_SYSTEM = "rabbitmq"
+# Histogram buckets of durations in seconds: the SDK's defaults (0, 5, 10, 25, … 10000)
+# are made for milliseconds and tell nothing below 5 s. These cover a vendor call (ms) to
+# the longest a delivery may work on a command (20 min).
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+                   300, 600, 1200)
 
 
 @dataclass(frozen=True)
@@ -70,27 +75,19 @@ class Instruments:
             vendor_responses=meter.create_counter(
                 "relay.vendor.responses", unit="{response}", description="Vendor answers"
             ),
-            command_duration=meter.create_histogram(
-                "relay.command.duration", unit="s", description="Receipt to settlement"
-            ),
-            vendor_duration=meter.create_histogram(
-                "relay.vendor.duration", unit="s", description="Vendor HTTP time per command"
-            ),
+            command_duration=_seconds(meter, "relay.command.duration", "Receipt to settlement"),
+            vendor_duration=_seconds(meter, "relay.vendor.duration", "Vendor HTTP time"),
             in_flight=meter.create_up_down_counter(
                 "relay.commands.in_flight", unit="{command}", description="Commands in flight"
             ),
-            rate_limit_wait=meter.create_histogram(
-                "relay.rate_limit.wait", unit="s", description="Waits for a rate-limit slot"
-            ),
+            rate_limit_wait=_seconds(meter, "relay.rate_limit.wait", "Waits for a rate-limit slot"),
             replays=meter.create_counter(
                 "relay.replays", unit="{event}", description="Stored events sent again"
             ),
             dead_letters=meter.create_counter(
                 "relay.dead_letters", unit="{message}", description="Messages dead-lettered"
             ),
-            lane_wait=meter.create_histogram(
-                "relay.lane.wait", unit="s", description="Time commands waited in their lane"
-            ),
+            lane_wait=_seconds(meter, "relay.lane.wait", "Time commands waited in their lane"),
             lane_backlog=meter.create_gauge(
                 "relay.lane.backlog", unit="{command}", description="Commands waiting in a lane"
             ),
@@ -99,6 +96,13 @@ class Instruments:
                 description="How long the oldest command of a lane has waited, at most",
             ),
         )
+
+
+def _seconds(meter: Meter, name: str, description: str) -> Histogram:
+    return meter.create_histogram(
+        name, unit="s", description=description,
+        explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
+    )
 
 
 @dataclass(frozen=True)
