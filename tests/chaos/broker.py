@@ -81,6 +81,15 @@ class Names:
         (the worker answers on reply queues named ``relay.replies.…`` only)."""
         return f"relay.replies.{self.prefix}"
 
+    @property
+    def lane_queue_prefix(self) -> str:
+        """The prefix of the worker's lanes (``RELAY_LANE_QUEUE_PREFIX``)."""
+        return f"{self.prefix}.lane."
+
+    def lane_queue(self, vendor: str, tenant: str) -> str:
+        """The lane of ``tenant``'s account at a rate-limited ``vendor``."""
+        return f"{self.lane_queue_prefix}{vendor}.{tenant}"
+
     def delay_queues(self) -> list[str]:
         """The worker's delay queues with its default delays (retries and deferrals)."""
         defaults = Settings()
@@ -93,6 +102,7 @@ class Names:
             "RELAY_COMMAND_QUEUE": self.command_queue,
             "RELAY_EVENT_EXCHANGE": self.event_exchange,
             "RELAY_DEAD_LETTER_QUEUE": self.dead_letter_queue,
+            "RELAY_LANE_QUEUE_PREFIX": self.lane_queue_prefix,
         }
 
 
@@ -159,10 +169,11 @@ class Admin:
             pass
         return taken
 
-    def delete_everything(self, ctl: RabbitCtl | None) -> None:
+    def delete_everything(self, ctl: RabbitCtl | None, lanes: Iterable[str] = ()) -> None:
         """Delete the scenario's queues and exchanges, also those the worker derives from
-        its settings (delay queues) and, with ``ctl``, any other under the prefix."""
-        queues = {self.names.observed_events, self.names.replies, *self._worker_queues()}
+        its settings (delay queues), its ``lanes`` and, with ``ctl``, any other under the
+        prefix."""
+        queues = {self.names.observed_events, self.names.replies, *self._worker_queues(), *lanes}
         exchanges = {self.names.command_exchange, self.names.event_exchange}
         if ctl is not None:
             queues |= set(ctl.names("list_queues", self.names.prefix))
@@ -257,6 +268,61 @@ def publish_paced(
             yield command
 
     publish(amqp_url, exchange, on_schedule(), published)
+
+
+class PausableStream:
+    """:func:`publish_paced` in the background, one connection per command, so that
+    :meth:`paused` can hold it while the broker is away (e.g. stopped by the scenario):
+    the commands due meanwhile go out at once when it resumes, then the schedule is kept.
+    A publishing error ends it and is kept in :attr:`error`."""
+
+    def __init__(
+        self,
+        amqp_url: str,
+        exchange: str,
+        commands: list[dict[str, Any]],
+        rate_per_s: float,
+        published: Callable[[Publishable], None] | None = None,
+    ) -> None:
+        self._url, self._exchange, self._commands = amqp_url, exchange, commands
+        self._rate_per_s = rate_per_s
+        self._published = published
+        self._lock = threading.Lock()  # held while one command goes out, and while paused
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="paced-stream", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def done(self) -> bool:
+        """Every command went out (or the stream ended on an error or a stop)."""
+        return not self._thread.is_alive()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Nothing is published inside; entering waits for a command going out."""
+        with self._lock:
+            yield
+
+    def stop(self, timeout_s: float = 30) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        started_at = time.monotonic()
+        try:
+            for index, command in enumerate(self._commands):
+                due_at = started_at + index / self._rate_per_s
+                if self._stop.wait(max(0.0, due_at - time.monotonic())):
+                    return
+                with self._lock:
+                    if self._stop.is_set():
+                        return
+                    publish(self._url, self._exchange, [command], self._published)
+        except BaseException as error:
+            self.error = error
 
 
 def publish_in_parallel(

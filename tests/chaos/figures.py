@@ -25,7 +25,10 @@ EFFECT_ROUTE = "eset.batch_delete"
 @dataclass(frozen=True)
 class Workload:
     commands: list[dict[str, Any]]  # in publishing order
-    object_by_key: dict[str, str]
+    object_by_key: dict[str, str]  # the vendor resource each key acts on
+    # The sandbox route whose effects count for a key, where it is not EFFECT_ROUTE; None:
+    # a read, which has no effect.
+    route_by_key: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def command_ids(self) -> list[str]:
@@ -35,9 +38,25 @@ class Workload:
     def duplicates(self) -> int:
         return len(self.commands) - len(self.object_by_key)
 
+    def route(self, key: str) -> str | None:
+        return self.route_by_key.get(key, EFFECT_ROUTE)
+
+    def __add__(self, other: Workload) -> Workload:
+        """Both workloads' commands (these first) as one, for the figures."""
+        return Workload(
+            self.commands + other.commands,
+            {**self.object_by_key, **other.object_by_key},
+            {**self.route_by_key, **other.route_by_key},
+        )
+
 
 def batch_deletes(
-    keys: int, *, duplicate_share: float, deadline_s: float, seed: int | None = None
+    keys: int,
+    *,
+    duplicate_share: float,
+    deadline_s: float,
+    seed: int | None = None,
+    tenant: str = "default",
 ) -> Workload:
     """``keys`` commands plus ``duplicate_share`` of them sent again, later in the stream
     (anywhere from right after the original, while it may still be in flight, to the end)."""
@@ -54,7 +73,7 @@ def batch_deletes(
             "type": "batch-delete",
             "id": str(uuid.uuid4()),
             "idempotency_key": key,
-            "tenant": "default",
+            "tenant": tenant,
             "deadline": deadline,
             "params": {"object_uuids": [object_uuid]},
         }
@@ -131,7 +150,15 @@ def compute(
     sandbox_stats: dict[str, Any],
     duration_s: float,
 ) -> Figures:
-    effects: dict[str, int] = sandbox_stats.get("effects", {}).get(EFFECT_ROUTE, {})
+    effects_by_route: dict[str, dict[str, int]] = sandbox_stats.get("effects", {})
+
+    def effects(key: str) -> int:
+        """How often the vendor applied ``key``'s effect (0 for a read)."""
+        route = workload.route(key)
+        if route is None:
+            return 0
+        return effects_by_route.get(route, {}).get(workload.object_by_key[key], 0)
+
     ids = workload.command_ids
     answered = [command_id for command_id in ids if events.get(command_id)]
 
@@ -159,7 +186,7 @@ def compute(
         # published again after a crash) does not count for a duplicate.
         duplicates_replayed += min(only_replayed, len(command_ids) - 1)
         succeeded = any(seen.outcome == "succeeded" for seen in key_events)
-        if succeeded and effects.get(workload.object_by_key[key], 0) == 0:
+        if succeeded and workload.route(key) is not None and effects(key) == 0:
             succeeded_without_effect += 1
 
     figures = Figures(
@@ -172,9 +199,7 @@ def compute(
         commands_with_repeated_events=sum(
             1 for command_id in answered if len(events[command_id]) > 1
         ),
-        keys_with_multiple_effects=sum(
-            1 for object_uuid in workload.object_by_key.values() if effects.get(object_uuid, 0) > 1
-        ),
+        keys_with_multiple_effects=sum(1 for key in workload.object_by_key if effects(key) > 1),
         keys_executed_twice=executed_twice,
         duplicates_replayed=duplicates_replayed,
         succeeded_without_effect=succeeded_without_effect,
@@ -186,7 +211,7 @@ def compute(
     sample = [
         {
             "key": key,
-            "effects": effects.get(workload.object_by_key[key], 0),
+            "effects": effects(key),
             "events": [
                 {
                     "command": seen.command_id[:8],
@@ -200,10 +225,18 @@ def compute(
             ],
         }
         for key, command_ids in commands_by_key.items()
-        if effects.get(workload.object_by_key[key], 0) > 1
+        if effects(key) > 1
     ][:3]
     if sample:
         figures.extra["multi_effect_sample"] = sample
+    # A few commands without a terminal event, to look them up in the replicas' logs.
+    unanswered = [
+        {"command": command["id"], "key": command.get("idempotency_key"), "type": command["type"]}
+        for command in workload.commands
+        if not events.get(command["id"])
+    ][:3]
+    if unanswered:
+        figures.extra["without_terminal_sample"] = unanswered
     return figures
 
 

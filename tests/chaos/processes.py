@@ -158,8 +158,10 @@ class SandboxProcess:
         self.proc.stop()
 
 
-def tenants_json(base_url: str) -> str:
-    """``RELAY_TENANTS``: the demo's sandbox tenant, with its secrets written out."""
+def tenants_json(base_url: str, eset_users: Mapping[str, str] | None = None) -> str:
+    """``RELAY_TENANTS``: the demo's sandbox tenant, with its secrets written out, as
+    ``default``; with ``eset_users`` (tenant -> ESET user, see :func:`eset_sub_account`),
+    more tenants like it, each with that ESET user instead."""
     config = SandboxConfig()
     tenant = sandbox_tenant(base_url, config).model_dump(mode="json")
     # model_dump masks SecretStr values; the sandbox accepts its own defaults.
@@ -167,7 +169,17 @@ def tenants_json(base_url: str) -> str:
     tenant["fylr"]["client_secret"] = config.fylr_client_secret
     tenant["fylr"]["password"] = config.fylr_password
     tenant["spaaza"]["token_secret"] = config.spaaza_token_secret
-    return json.dumps({"default": tenant})
+    tenants = {"default": tenant}
+    for name, username in (eset_users or {}).items():
+        tenants[name] = {**tenant, "eset": {**tenant["eset"], "username": username}}
+    return json.dumps(tenants)
+
+
+def eset_sub_account(name: str) -> str:
+    """The sandbox's ESET user sub-addressed with ``name`` (``api+name@…``): an account of
+    its own there, with its own rate limit, and the same password."""
+    local, _, domain = SandboxConfig().eset_username.partition("@")
+    return f"{local}+{name}@{domain}"
 
 
 @dataclass

@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from .broker import (
     Admin,
     EventCollector,
     Names,
+    PausableStream,
     Publishable,
     RabbitCtl,
     publish,
@@ -63,6 +64,7 @@ class ChaosRig:
         self._ctl: RabbitCtl | None = None  # found when a scenario needs it (it is slow)
         self.sandbox: SandboxProcess | None = None
         self.fleet: Fleet | None = None
+        self.lanes: list[str] = []  # the worker's lane queues, by the tenants and limits
         self.collector: EventCollector | None = None
         self.replies: EventCollector | None = None  # the reply_to queue, when observed
         self.published_at: dict[str, float] = {}  # command id -> monotonic, once confirmed
@@ -71,6 +73,7 @@ class ChaosRig:
         self.answered_at: float | None = None
         self.extra: dict[str, Any] = {}
         self._publisher: threading.Thread | None = None
+        self._streams: list[PausableStream] = []
         self._stop_publishing = threading.Event()  # ends a paced stream early (teardown)
         self._publish_error: BaseException | None = None
         with redis.Redis.from_url(self.redis_url) as client:
@@ -96,11 +99,20 @@ class ChaosRig:
         rate_limited: bool = False,
         concurrency: int = 32,
         claim_lease_s: float = 3.0,
+        eset_users: Mapping[str, str] | None = None,
         **settings: str,
     ) -> None:
-        """The sandbox, then ``replicas`` workers; returns once all of them consume."""
+        """The sandbox, then ``replicas`` workers; returns once all of them consume.
+        ``eset_users``: tenants besides ``default``, each with an ESET user of its own
+        (:func:`~.processes.tenants_json`)."""
         self.sandbox = SandboxProcess(self.log_dir, rate_limited=rate_limited)
         rate_limits = {"eset": "10/second"} if rate_limited else {}
+        # A lane per tenant with an account of a limited vendor (each has an ESET one).
+        self.lanes = [
+            self.names.lane_queue(vendor, tenant)
+            for vendor in rate_limits
+            for tenant in ["default", *(eset_users or {})]
+        ]
         env = {
             **self.names.worker_env(),
             "RELAY_BROKER_URL": self.amqp_url,
@@ -108,7 +120,7 @@ class ChaosRig:
             "RELAY_RATE_LIMIT_URL": self.redis_url,
             "RELAY_RATE_LIMITS": json.dumps(rate_limits),
             "RELAY_ESET_HOST_TEMPLATE": f"{self.sandbox.base_url}/eset/{{region}}/{{service}}",
-            "RELAY_TENANTS": tenants_json(self.sandbox.base_url),
+            "RELAY_TENANTS": tenants_json(self.sandbox.base_url, eset_users),
             "RELAY_RETRY_INITIAL_WAIT_S": "0.05",
             "RELAY_COLLECT_INTERVAL_S": "0.1",
             "RELAY_CLAIM_LEASE_S": str(claim_lease_s),
@@ -166,6 +178,17 @@ class ChaosRig:
         url, exchange = self.amqp_url, self.names.command_exchange
         self._start_publishing(lambda: publish(url, exchange, items, self._sent), background)
 
+    def publish_stream(self, workload: Workload, rate_per_s: float) -> PausableStream:
+        """Publish ``workload`` in the background at ``rate_per_s``, one connection per
+        command, besides what :meth:`publish` sends (its clock is kept); the stream's
+        ``paused()`` holds it, e.g. while RabbitMQ is stopped."""
+        stream = PausableStream(
+            self.amqp_url, self.names.command_exchange, workload.commands, rate_per_s, self._sent
+        )
+        self._streams.append(stream)
+        stream.start()
+        return stream
+
     def _sent(self, item: Publishable) -> None:
         if isinstance(item, dict):
             self.published_at[item["id"]] = time.monotonic()
@@ -216,6 +239,9 @@ class ChaosRig:
         while time.monotonic() < give_up_at:
             if self._publish_error is not None:
                 raise AssertionError("publishing failed") from self._publish_error
+            for stream in self._streams:
+                if stream.error is not None:
+                    raise AssertionError("publishing a stream failed") from stream.error
             self.fleet.check_alive()
             if done():
                 self.answered_at = time.monotonic()
@@ -256,6 +282,13 @@ class ChaosRig:
             }
             if waiting:
                 self.extra["in_delay_queues"] = waiting
+            laned = {
+                name: ready
+                for name in self.lanes
+                if (ready := _ready(self.admin.queue_state(name)))
+            }
+            if laned:
+                self.extra["in_lanes"] = laned
         return closing_figures(
             self.scenario, workload, self.fleet, self.collector, self.sandbox, duration_s,
             self.extra,
@@ -297,6 +330,8 @@ class ChaosRig:
         self._stop_publishing.set()
         if self._publisher is not None:
             self._publisher.join(30)
+        for stream in self._streams:
+            stream.stop()
         for collector in (self.collector, self.replies):
             if collector is not None:
                 collector.stop()
@@ -316,7 +351,7 @@ class ChaosRig:
 
     def _delete_queues(self) -> None:
         with suppress(*CONNECTION_ERRORS):
-            self.admin.delete_everything(self._ctl)
+            self.admin.delete_everything(self._ctl, self.lanes)
 
     def _empty_redis(self) -> None:
         with redis.Redis.from_url(self.redis_url) as client:
