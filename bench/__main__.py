@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench import report, scenarios
+from bench import isolation, report, scenarios
 from bench.rig import Options
 
 SCENARIOS: dict[str, Callable[[Options], dict[str, Any]]] = {
@@ -25,6 +25,7 @@ SCENARIOS: dict[str, Callable[[Options], dict[str, Any]]] = {
     "ratelimit": scenarios.rate_limited,
     "latency": scenarios.latency,
     "coalesce": scenarios.coalesce,
+    "isolation": isolation.isolation,
 }
 # Compared with each other: run in alternating rounds, so that a noisy stretch of the
 # machine's time does not fall on one of them only; each reports its median round.
@@ -53,6 +54,16 @@ def parse(argv: list[str] | None) -> tuple[Options, list[str], Path | None]:
                    help="... and with it off (one call each at 10/s: 0.1 s per command)")
     p.add_argument("--coalesce-window-ms", type=float, default=50.0,
                    help="RELAY_BATCH_DELETE_WINDOW_MS of the coalesce run with coalescing on")
+    p.add_argument("--isolation-replicas", default="1,4",
+                   help="replica counts of the isolation runs (comma-separated)")
+    p.add_argument("--isolation-backlog", type=int, default=10_000,
+                   help="single-object deletes the flooding tenant queues (never drained)")
+    p.add_argument("--isolation-quiet", type=int, default=40,
+                   help="quiet commands per measured phase, sent at 4/s")
+    p.add_argument("--isolation-fair-commands", type=int, default=300,
+                   help="commands per flooded account of the fairness runs (>= 250 keeps 20 s)")
+    p.add_argument("--isolation-fylr-commands", type=int, default=2000,
+                   help="the unlimited vendor's flood (fylr cancel-task), alone and with others")
     p.add_argument("--celery-pool", default="prefork", choices=["prefork", "threads", "solo"],
                    help="Celery's default pool (default: prefork)")
     p.add_argument("--celery-concurrency", type=int, default=os.cpu_count() or 1,
@@ -87,6 +98,10 @@ def parse(argv: list[str] | None) -> tuple[Options, list[str], Path | None]:
         raw_prefetch=args.raw_prefetch, tracing=not args.no_tracing, log_level=args.log_level,
         worker_env=dict(pair.split("=", 1) for pair in args.worker_env),
         log_dir=log_dir, profile=args.profile, rounds=max(1, args.rounds),
+        isolation_replicas=tuple(int(n) for n in args.isolation_replicas.split(",") if n),
+        isolation_backlog=args.isolation_backlog, isolation_quiet=args.isolation_quiet,
+        isolation_fair_commands=args.isolation_fair_commands,
+        isolation_fylr_commands=args.isolation_fylr_commands,
     )
     return options, only, args.json
 

@@ -86,6 +86,8 @@ def rows(all_results: Results) -> list[Row]:
                        "ms"))
     if "coalesce" in results:
         out.extend(_coalesce_rows(results["coalesce"]))
+    if "isolation" in results:
+        out.extend(_isolation_rows(results["isolation"]))
     rss = [mb for result in results.values() for mb in result.get("peak_rss_mb", []) or []
            if mb is not None]
     if rss:
@@ -130,6 +132,109 @@ def _coalesce_note(figure: str, run: dict[str, Any]) -> str:
         twice = run.get("objects_deleted_more_than_once")
         return f"of {run.get('commands')}" + (f"; {twice} more than once" if twice else "")
     return ""
+
+
+def _isolation_rows(result: dict[str, Any]) -> list[Row]:
+    out: list[Row] = []
+    for run in result.get("replica_runs", {}).values():
+        out.extend(_flood_rows(run))
+    rss = result.get("peak_rss_mb_backlogged")
+    runs = result.get("replica_runs", {}).values()
+    replicas = sum(len(run.get("peak_rss_mb_replicas", [])) for run in runs)
+    out.append(Row("flood isolation", "peak RSS per replica (max)", rss, "MB", ("<=", 150.0),
+                   f"{_replicas(replicas)}, backlog queued"))
+    for fair in result.get("fairness", {}).values():
+        rates = ", ".join(_fmt(r) for r in fair.get("calls_per_s", {}).values())
+        out.append(Row(f"{fair.get('accounts')} accounts flooded, 1 replica",
+                       "slowest / fastest account", fair.get("min_over_max"), "x", (">=", 0.9),
+                       f"calls/s {rates} over the same {_fmt(fair.get('window_s'))} s"))
+    alone = result.get("fylr_alone", {})
+    behind = result.get("fairness", {}).get("5", {}).get("fylr", {})
+    scenario = "fylr flood (no limit), 1 replica"
+    out.append(Row(scenario, "cancel-task alone", alone.get("per_s"), "commands/s",
+                   note=_fylr_note(alone)))
+    out.append(Row(scenario, "cancel-task queued behind 5 ESET floods", behind.get("per_s"),
+                   "commands/s", note=_fylr_note(behind)))
+    # "Not slowed beyond noise": this machine's noise is about ±15% (bench/README.md).
+    out.append(Row(scenario, "behind the floods / alone", _ratio(behind, alone), "x",
+                   (">=", 0.85), "noise ±15%"))
+    return out
+
+
+def _fylr_note(run: dict[str, Any]) -> str:
+    busy = ", ".join(f"{name} {_fmt(share)}" for name, share in run.get("cpu_busy", {}).items())
+    return "; ".join(filter(None, [busy and f"CPU s/s meanwhile: {busy}", _run_note(run)]))
+
+
+def _flood_rows(run: dict[str, Any]) -> list[Row]:
+    """Quiet commands' latency without and with a flood; the flood's pace; resources."""
+    scenario = f"flood isolation, {_replicas(run.get('replicas'))}"
+    backlog = f"{run.get('backlog'):,}"
+    out = [
+        _latency_row(scenario, "quiet p99, no backlog", run.get("baseline", {})),
+        _latency_row(scenario, f"quiet p99, {backlog} backlogged",
+                     run.get("after_routing", {}), goal=True),
+        _latency_row(scenario, "quiet p99, sent right after the burst",
+                     run.get("during_routing", {})),
+        Row(scenario, "burst routed off the command queue", run.get("routing_per_s"),
+            "commands/s", note=_routing_note(run)),
+        Row(scenario, "flood account, while quiet ran", run.get("flood_calls_per_s"),
+            "calls/s", (">=", 9.5), f"over {_fmt(run.get('flood_window_s'))} s"),
+    ]
+    share = run.get("share_429")
+    whole = run.get("flood_vendor_statuses_run") or {}
+    out.append(Row(scenario, "  its 429 answers", None if share is None else share * 100,
+                   "% of calls", ("<=", 1.0),
+                   f"whole run: {whole.get('429', 0)} of {sum(whole.values())} calls"))
+    out.append(Row(scenario, "  its most calls in one sliding second",
+                   run.get("flood_max_calls_in_a_second"), "calls", ("<=", 10), "whole run"))
+    mid = run.get("mid_run") or {}
+    out.append(Row(scenario, "flood lane depth (broker), mid-phase", mid.get("lane_depth"),
+                   "messages", note=_lane_note(mid)))
+    settled = run.get("settled_per_replica", [])
+    means = ", ".join(_fmt(s.get("mean_s")) for s in settled)
+    outcomes: dict[str, float] = {}
+    for replica in settled:
+        for outcome, bound in (replica.get("within_s_by_outcome") or {}).items():
+            if bound is not None:
+                outcomes[outcome] = max(bound, outcomes.get(outcome, 0.0))
+    by_outcome = ", ".join(f"{name} {_fmt(bound)}" for name, bound in outcomes.items())
+    out.append(Row(scenario, "all deliveries settled within", run.get("settled_within_s"), "s",
+                   note=f"a histogram bucket bound ({by_outcome}); mean {means} s; "
+                   "RabbitMQ's consumer_timeout: 1800 s"))
+    return out
+
+
+def _replicas(count: int | None) -> str:
+    return f"{count} replica" + ("" if count == 1 else "s")
+
+
+def _latency_row(scenario: str, figure: str, phase: dict[str, Any], goal: bool = False) -> Row:
+    def ms(key: str) -> float | None:
+        value = phase.get(key)
+        return None if value is None else value * 1000
+
+    note = f"p50 {_fmt(ms('p50_s'))}, max {_fmt(ms('max_s'))} ms"
+    if not phase.get("complete", True):
+        note += (f"; partial: {phase.get('events')} of {phase.get('commands')} in time"
+                 " (the rest count the time waited)")
+    return Row(scenario, figure, ms("p99_s"), "ms", ("<=", 1000.0) if goal else None, note)
+
+
+def _routing_note(run: dict[str, Any]) -> str:
+    publish = f"publishing took {_fmt(run.get('burst_publish_s'))} s"
+    if run.get("routed"):
+        return f"{run.get('backlog'):,} in {_fmt(run.get('routing_s'))} s; {publish}"
+    return (f"not drained: {run.get('main_queue_left')} still queued after "
+            f"{_fmt(run.get('routing_waited_s'))} s; {publish}")
+
+
+def _lane_note(mid: dict[str, Any]) -> str:
+    metrics = (mid.get("lane_metrics_per_replica") or [{}])[0]
+    backlog = metrics.get("relay_lane_backlog", {}).get("eset.flood")
+    oldest = metrics.get("relay_lane_oldest_wait_seconds", {}).get("eset.flood")
+    return (f"relay_lane_backlog {_fmt(backlog)}, oldest wait {_fmt(oldest)} s; "
+            f"command queue {mid.get('main_depth')}")
 
 
 def table(all_rows: list[Row]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -18,8 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu.exceptions import ChannelError
 from kombu.message import Message
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import vendor
 from bench.procs import Proc, Procs, read_line
@@ -53,6 +57,11 @@ class Options:
     log_dir: Path
     profile: Path | None
     rounds: int = 3  # alternating runs of command-relay and the anchors; medians reported
+    isolation_replicas: tuple[int, ...] = (1, 4)  # one isolation run per replica count
+    isolation_backlog: int = 10_000  # single-object deletes of the flooding tenant
+    isolation_quiet: int = 40  # quiet commands per measured phase (sent at 4/s)
+    isolation_fair_commands: int = 300  # per flooded account of the fairness runs
+    isolation_fylr_commands: int = 2000  # the unlimited vendor's flood (fylr cancel-task)
 
 
 class Rig:
@@ -100,11 +109,15 @@ class Rig:
         return read_line(proc, START_TIMEOUT_S)
 
     def relay(
-        self, sandbox_url: str, *, replicas: int, concurrency: int, rate_limits: dict[str, str]
+        self, sandbox_url: str, *, replicas: int, concurrency: int, rate_limits: dict[str, str],
+        tenants: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+        health_ports: list[int] | None = None,
     ) -> list[Proc]:
-        """Start ``replicas`` command-relay processes, all features on."""
+        """Start ``replicas`` command-relay processes, all features on. ``tenants``
+        (``RELAY_TENANTS``; default: one ESET account) and ``env`` come before
+        ``--worker-env``; replica i serves ``/metrics`` on ``health_ports[i]`` if given."""
         options = self.options
-        env = {
+        base_env = {
             **os.environ,
             "RELAY_BROKER_URL": options.amqp_url,
             "RELAY_COMMAND_EXCHANGE": self.settings.command_exchange,
@@ -117,13 +130,19 @@ class Rig:
             "RELAY_RATE_LIMITS": json.dumps(rate_limits),
             "RELAY_RATE_LIMIT_URL": options.redis_url,
             "RELAY_ESET_HOST_TEMPLATE": vendor.host_template(sandbox_url),
-            "RELAY_TENANTS": json.dumps(vendor.eset_tenants()),
+            "RELAY_TENANTS": json.dumps(tenants or vendor.eset_tenants()),
             "RELAY_LOG_LEVEL": options.log_level,
             "BENCH_TRACING": "sdk-noop" if options.tracing else "off",
+            **(env or {}),
             **options.worker_env,
         }
         argv = [sys.executable, "-m", "bench.relay_worker"]
-        return [self.procs.start(f"relay-{i}", argv, env) for i in range(replicas)]
+        ports = health_ports or []
+        procs = []
+        for i in range(replicas):
+            health = {"RELAY_HEALTH_PORT": str(ports[i])} if i < len(ports) else {}
+            procs.append(self.procs.start(f"relay-{i}", argv, {**base_env, **health}))
+        return procs
 
     # --- messages ---
 
@@ -139,6 +158,36 @@ class Rig:
             for command in commands:
                 publish_command(producer, self.topology.commands, command)
         self.wait_queue_depth(self.topology.command_queue.name, len(commands))
+
+    def publish_burst(self, commands: list[dict[str, Any]], timeout_s: float = 60.0) -> None:
+        """Publish as fast as the broker takes them, as a flooding publisher would: the
+        channel in confirm mode, every confirm awaited once all are sent; a nack raises."""
+        with connect(self.options.amqp_url, wait_for_confirms=False) as connection:
+            channel = connection.channel()
+            confirms = _Confirms(channel)
+            producer = Producer(channel)
+            for command in commands:
+                publish_command(producer, self.topology.commands, command)
+            give_up_at = time.monotonic() + timeout_s
+            while confirms.count() < len(commands):
+                if time.monotonic() > give_up_at:
+                    raise TimeoutError(f"{confirms.count()} of {len(commands)} confirmed")
+                with contextlib.suppress(TimeoutError):
+                    connection.drain_events(timeout=0.5)
+
+    def queue_depth(self, queue_name: str) -> int | None:
+        """Messages ready in a queue (not those delivered and unacked); None if it is
+        missing."""
+        with connect(self.options.amqp_url) as connection:
+            try:
+                return int(connection.channel().queue_declare(
+                    queue_name, passive=True).message_count)
+            except ChannelError:
+                return None
+
+    def delete_queues_at_exit(self, names: list[str]) -> None:
+        """Queues the replicas declare (e.g. per-account lanes), deleted with the rest."""
+        self.extra_names[0].extend(names)
 
     def wait_queue_depth(self, queue_name: str, count: int, timeout_s: float = 60.0) -> None:
         give_up_at = time.monotonic() + timeout_s
@@ -191,6 +240,29 @@ def publish_command(producer: Producer, exchange: Exchange, command: dict[str, A
         message_id=command["id"],
         retry=False,
     )
+
+
+class _Confirms:
+    """The publisher confirms of one channel, numbered by RabbitMQ 1, 2, 3…"""
+
+    def __init__(self, channel: Any) -> None:
+        self._floor = 0  # every publish up to this one is confirmed ("multiple")
+        self._single: set[int] = set()
+        channel.confirm_select()
+        channel.events["basic_ack"].add(self._on_ack)
+        channel.events["basic_nack"].add(self._on_nack)
+
+    def _on_ack(self, tag: int, multiple: bool) -> None:
+        if multiple:
+            self._floor = max(self._floor, tag)
+        else:
+            self._single.add(tag)
+
+    def _on_nack(self, tag: int, multiple: bool) -> None:
+        raise RuntimeError(f"the broker refused publish {tag} (multiple: {multiple})")
+
+    def count(self) -> int:
+        return self._floor + sum(tag > self._floor for tag in self._single)
 
 
 class EventCollector:
@@ -274,3 +346,23 @@ def outcomes(arrivals: list[tuple[float, bytes]]) -> dict[str, int]:
         outcome = str(json.loads(body).get("data", {}).get("outcome"))
         counts[outcome] = counts.get(outcome, 0) + 1
     return counts
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a replica's /metrics)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def scrape_metrics(port: int, timeout_s: float = 5.0) -> Samples:
+    """A replica's ``/metrics``: sample name → (labels, value) of each sample."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s).text
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return samples
