@@ -7,6 +7,8 @@ import itertools
 import time
 import uuid
 
+import pytest
+
 from worker.ratelimit import RateLimits, RateSlot, Unlimited
 
 ESET_LIMIT = {"eset": "10/second"}
@@ -121,3 +123,38 @@ def test_the_window_gate_holds_across_replicas_over_redis(redis_url: str) -> Non
     times = asyncio.run(scenario())
     assert most_in_one_second(times) <= 10
     assert (len(times) - 1) / (times[-1] - times[0]) >= 9.5
+
+
+async def arrivals_after_a_stall(slot: RateSlot, count: int, stall_s: float) -> list[float]:
+    """When each of ``count`` calls reached the vendor, the first held up for ``stall_s``
+    between its gate and the vendor (a process starved of CPU, a busy loop)."""
+    start = time.monotonic()
+
+    async def call(index: int) -> float:
+        await slot.acquire()
+        send = await slot.admit()
+        if index == 0:
+            await asyncio.sleep(stall_s)
+        arrived = time.monotonic() - start
+        await slot.answered(send)
+        return arrived
+
+    return sorted(await asyncio.gather(*(call(i) for i in range(count))))
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_a_send_held_up_after_its_gate_does_not_bunch_up_with_the_next(
+    store: str, request: pytest.FixtureRequest
+) -> None:
+    """Counted from its admission only, the late send would leave the window before the
+    vendor's own window for it ends, and an eleventh call would follow within a second."""
+    url = request.getfixturevalue("redis_url") if store == "redis" else "memory://"
+
+    async def scenario() -> list[float]:
+        slot = RateLimits(ESET_LIMIT, url).slot("eset", f"account-{uuid.uuid4()}")
+        assert isinstance(slot, RateSlot)
+        return await arrivals_after_a_stall(slot, 25, stall_s=0.5)
+
+    times = asyncio.run(scenario())
+    assert most_in_one_second(times) <= 10
+    assert (len(times) - 1) / (times[-1] - times[0]) >= 9.0

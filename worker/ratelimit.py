@@ -13,7 +13,10 @@ by more than the margin. So right before it is sent a call also passes a *window
 the account's last sends are kept in a log, and a call goes only while fewer than the
 limit were sent in the window plus a guard (the margin of the window); else it waits
 until the oldest leaves. Sends that land at most the guard later than their gate keep
-every sliding window at the limit. Paced calls rarely wait at the gate.
+every sliding window at the limit. Paced calls rarely wait at the gate. A send that
+leaves later than that (its process starved of CPU, its loop busy) would still bunch up
+with the next ones where the vendor counts; so once its answer is back, a send's entry
+in the log is moved to that moment, which is never earlier than the vendor counted it.
 
 Limits are written in the ``limits`` notation (``"10/second"``). Pace and log are kept
 in process (``memory://``) or in Redis (``redis://…``), where Lua scripts reserve and
@@ -23,9 +26,9 @@ admit atomically on the server's clock, so replicas on different hosts share one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,7 +53,8 @@ return tostring(free_at - now)
 """
 
 # Admit one send of a key if fewer than ARGV[1] were admitted in the last ARGV[2] seconds:
-# returns "0" (admitted, and logged), else the seconds until the oldest leaves the window.
+# returns "0" (admitted, and logged as ARGV[3]), else the seconds until the oldest leaves
+# the window.
 ADMIT_SCRIPT = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
@@ -65,15 +69,28 @@ local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return tostring(math.max(tonumber(oldest[2]) + window - now, 0.001))
 """
 
+# Move a logged send (ARGV[1]) to now, if it is still in the log; ARGV[2]: window seconds.
+ANSWERED_SCRIPT = """
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  local clock = redis.call('TIME')
+  redis.call('ZADD', KEYS[1], 'XX', tonumber(clock[1]) + tonumber(clock[2]) / 1000000, ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000) + 1000)
+end
+"""
+
 
 class Pacer(Protocol):
     async def reserve(self, key: str, interval_s: float) -> float:
         """Reserve the next slot of ``key``; the seconds to wait for it."""
         ...
 
-    async def admit(self, key: str, amount: int, window_s: float) -> float:
-        """Log one send of ``key`` if fewer than ``amount`` went in the last ``window_s``
+    async def admit(self, key: str, amount: int, window_s: float, send: str) -> float:
+        """Log ``send`` of ``key`` if fewer than ``amount`` went in the last ``window_s``
         and return 0; else the seconds to wait before asking again."""
+        ...
+
+    async def answered(self, key: str, send: str, window_s: float) -> None:
+        """Move ``send``'s entry in the log to now: its answer is back."""
         ...
 
     async def ping(self) -> None:
@@ -86,7 +103,7 @@ class MemoryPacer:
 
     def __init__(self) -> None:
         self._free_at: dict[str, float] = {}
-        self._sent: dict[str, deque[float]] = {}
+        self._sent: dict[str, dict[str, float]] = {}  # by key: when each send was logged
 
     async def reserve(self, key: str, interval_s: float) -> float:
         now = time.monotonic()
@@ -94,15 +111,20 @@ class MemoryPacer:
         self._free_at[key] = free_at + interval_s
         return free_at - now
 
-    async def admit(self, key: str, amount: int, window_s: float) -> float:
+    async def admit(self, key: str, amount: int, window_s: float, send: str) -> float:
         now = time.monotonic()
-        sent = self._sent.setdefault(key, deque())
-        while sent and sent[0] <= now - window_s:
-            sent.popleft()
+        sent = self._sent.setdefault(key, {})
+        for gone in [name for name, at in sent.items() if at <= now - window_s]:
+            del sent[gone]
         if len(sent) < amount:
-            sent.append(now)
+            sent[send] = now
             return 0.0
-        return max(sent[0] + window_s - now, 0.001)
+        return max(min(sent.values()) + window_s - now, 0.001)
+
+    async def answered(self, key: str, send: str, window_s: float) -> None:
+        sent = self._sent.get(key, {})
+        if send in sent:
+            sent[send] = time.monotonic()
 
     async def ping(self) -> None:
         return None
@@ -122,6 +144,7 @@ class RedisPacer:
         )
         self._reserve = self._redis.register_script(RESERVE_SCRIPT)
         self._admit = self._redis.register_script(ADMIT_SCRIPT)
+        self._answered = self._redis.register_script(ANSWERED_SCRIPT)
 
     async def reserve(self, key: str, interval_s: float) -> float:
         try:
@@ -129,10 +152,16 @@ class RedisPacer:
         except self._unreachable as error:
             raise StoreUnavailable("rate-limit", error) from error
 
-    async def admit(self, key: str, amount: int, window_s: float) -> float:
-        args: list[str | int] = [amount, repr(window_s), uuid.uuid4().hex]
+    async def admit(self, key: str, amount: int, window_s: float, send: str) -> float:
+        args: list[str | int] = [amount, repr(window_s), send]
         try:
             return float(await self._admit(keys=[LOG_KEY_PREFIX + key], args=args))
+        except self._unreachable as error:
+            raise StoreUnavailable("rate-limit", error) from error
+
+    async def answered(self, key: str, send: str, window_s: float) -> None:
+        try:
+            await self._answered(keys=[LOG_KEY_PREFIX + key], args=[send, repr(window_s)])
         except self._unreachable as error:
             raise StoreUnavailable("rate-limit", error) from error
 
@@ -193,15 +222,24 @@ class RateSlot:
         if wait_s > 0:
             await asyncio.sleep(wait_s)
 
-    async def admit(self) -> None:
-        """Return once the call may be sent now; send it at once (nothing awaited)."""
+    async def admit(self) -> str:
+        """Return once the call may be sent now; send it at once (nothing awaited). The
+        name returned is the send's, for :meth:`answered`."""
+        send = uuid.uuid4().hex
         while True:
             wait_s = await self.outage.held(
-                lambda: self.pacer.admit(self.key, self.amount, self.window_s), self.outage_hold_s
+                lambda: self.pacer.admit(self.key, self.amount, self.window_s, send),
+                self.outage_hold_s,
             )
             if wait_s <= 0:
-                return
+                return send
             await asyncio.sleep(wait_s)
+
+    async def answered(self, send: str) -> None:
+        """The send's answer is back (or it failed): it counts in the window from now.
+        Best effort: with the store away, it counts from when it was admitted."""
+        with contextlib.suppress(StoreUnavailable):
+            await self.pacer.answered(self.key, send, self.window_s)
 
 
 
@@ -211,7 +249,10 @@ class Unlimited:
     async def acquire(self) -> None:
         return None
 
-    async def admit(self) -> None:
+    async def admit(self) -> str:
+        return ""
+
+    async def answered(self, send: str) -> None:
         return None
 
 

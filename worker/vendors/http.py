@@ -107,7 +107,9 @@ class RateSlot(Protocol):
 
     async def acquire(self) -> None: ...
 
-    async def admit(self) -> None: ...
+    async def admit(self) -> str: ...
+
+    async def answered(self, send: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,7 @@ class VendorHttp:
         # The vendor counts arrivals in a sliding window: what was awaited since the slot
         # (the mark, a loaded loop) must not bunch calls up, so the last word is the
         # window gate's, and nothing is awaited between it and the send.
-        await self.rate_slot.admit()
+        send = await self.rate_slot.admit()
         sent_at = time.monotonic()
         metrics.rate_limit_wait.record(sent_at - waited_from, {"relay.vendor": request.vendor})
         with self.telemetry.tracer.start_as_current_span(
@@ -221,6 +223,7 @@ class VendorHttp:
                 ) from error
             finally:
                 budget.vendor_time_s += time.monotonic() - sent_at
+                await self.rate_slot.answered(send)
             _record_response(span, response)
         status = {"relay.vendor": request.vendor, "http.response.status_code": response.status_code}
         metrics.vendor_responses.add(1, status)
