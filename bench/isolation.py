@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import httpx
 from kombu import Producer
@@ -275,23 +275,33 @@ class Events:
             time.sleep(0.05)
 
 
-class DepthWatcher:
-    """Polls the ready count of some queues (a passive declare every 0.2 s) in a thread;
-    None while a queue does not exist."""
+class Sampling:
+    """A thread taking samples (its ``_run``) from entering the block until leaving it."""
 
-    def __init__(self, rig: Rig, queues: list[str]) -> None:
-        self._rig, self._queues = rig, queues
-        self._samples: list[tuple[float, dict[str, int | None]]] = []
+    def __init__(self, name: str) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="depths", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def __enter__(self) -> DepthWatcher:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class DepthWatcher(Sampling):
+    """Polls the ready count of some queues (a passive declare every 0.2 s) in a thread;
+    None while a queue does not exist."""
+
+    def __init__(self, rig: Rig, queues: list[str]) -> None:
+        super().__init__("depths")
+        self._rig, self._queues = rig, queues
+        self._samples: list[tuple[float, dict[str, int | None]]] = []
 
     def _run(self) -> None:
         with connect(self._rig.options.amqp_url) as connection:
@@ -394,22 +404,13 @@ def _fylr_figures(times: list[float], count: int, complete: bool, cpu: CpuSample
             "per_s": steady_rate(times, skip), "cpu_busy": busy}
 
 
-class CpuSampler:
+class CpuSampler(Sampling):
     """Some processes' CPU seconds, every 0.2 s, in a thread."""
 
     def __init__(self, procs: list[Proc]) -> None:
+        super().__init__("cpu")
         self._procs = procs
         self._samples: list[tuple[float, list[float]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cpu", daemon=True)
-
-    def __enter__(self) -> CpuSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
     def _run(self) -> None:
         while True:
