@@ -49,7 +49,7 @@ from bench.rig import (
     scrape_metrics,
     steady_rate,
 )
-from worker.broker import connect
+from worker.broker.connection import connect
 
 Result = dict[str, Any]
 ESET_LIMIT_PER_S = 10

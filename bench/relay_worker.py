@@ -4,7 +4,7 @@ TRACING HOOK. "All features on" includes tracing with spans that are made and th
 dropped: with ``BENCH_TRACING=sdk-noop`` (what the harness sets unless ``--no-tracing``)
 this installs an SDK tracer provider whose exporter discards every batch, as the global
 provider, before the worker starts. The worker's telemetry falls back to the global
-provider when ``OTEL_TRACES_EXPORTER`` names no exporter (worker/telemetry.py,
+provider when ``OTEL_TRACES_EXPORTER`` names no exporter (worker/ops/telemetry.py,
 ``from_environment``). If the worker ever sets its own provider unconditionally, change
 this hook (e.g. to an ``OTEL_TRACES_EXPORTER`` no-op exporter) so spans are still made.
 """

@@ -27,9 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import vendor
 from bench.procs import Proc, Procs, read_line
-from worker.broker import connect
+from worker.broker.connection import connect
+from worker.broker.topology import Topology
 from worker.settings import Settings
-from worker.topology import Topology
 
 PERSISTENT = 2
 START_TIMEOUT_S = 20.0

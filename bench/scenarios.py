@@ -33,7 +33,7 @@ from bench.rig import (
     publish_command,
     steady_rate,
 )
-from worker.broker import connect
+from worker.broker.connection import connect
 
 Result = dict[str, Any]
 ESET_LIMIT_PER_S = 10  # the sandbox's (and ESET's) documented limit per account

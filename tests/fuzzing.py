@@ -46,10 +46,10 @@ from kombu import Consumer, Queue
 from kombu.message import Message
 
 from schemas.events import ResultEvent
-from worker.broker import connect, is_amqp
+from worker.broker.connection import connect, is_amqp
+from worker.broker.topology import Topology
 from worker.sandbox import SandboxServer
 from worker.settings import Settings
-from worker.topology import Topology
 
 from .harness import RunningRelay, running_relay
 

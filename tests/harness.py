@@ -12,14 +12,14 @@ from typing import Any
 from kombu import Consumer
 
 from schemas.events import ResultEvent
-from worker.broker import connect
+from worker.broker.connection import connect
+from worker.broker.topology import Topology
 from worker.client import CommandClient, Reply
 from worker.demo import sandbox_settings
+from worker.ops.telemetry import Telemetry
 from worker.sandbox import SandboxServer
 from worker.service import RelayService
 from worker.settings import Settings
-from worker.telemetry import Telemetry
-from worker.topology import Topology
 
 
 class RunningRelay:

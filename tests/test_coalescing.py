@@ -20,13 +20,14 @@ from schemas.commands import Command
 from schemas.events import ErrorCode
 from worker.demo import sandbox_tenant
 from worker.errors import PermanentFailure, TransientFailure
-from worker.ratelimit import RateLimits
-from worker.retries import RetryPolicy
+from worker.replies import VendorReply, VendorRequest
 from worker.sandbox import Faults, SandboxServer, ScriptedFault
 from worker.settings import Settings
 from worker.vendors import Vendors
 from worker.vendors.coalescing import BatchDeleteCoalescer
-from worker.vendors.http import CallBudget, VendorReply, VendorRequest
+from worker.vendors.http import CallBudget
+from worker.vendors.ratelimit import RateLimits
+from worker.vendors.retries import RetryPolicy
 
 from .harness import RunningRelay, embedded, running_relay
 from .test_vendor_calls import MAX_ATTEMPTS, batch_delete, settings_for

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.confirms import Confirms
+from worker.broker.confirms import Confirms
 
 
 class FakeChannel:

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from schemas.commands import CancelTaskCommand
-from worker.decoding import MAX_JSON_DEPTH, Rejected, decode_message
+from worker.broker.decoding import MAX_JSON_DEPTH, decode_message
+from worker.results import Rejected
 
 CANCEL = {"type": "cancel-task", "params": {"task_id": 7}}
 

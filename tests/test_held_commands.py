@@ -10,15 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from schemas.events import ResultEvent
-from worker.decoding import decode_message
+from worker.broker.decoding import decode_message
 from worker.errors import StoreUnavailable
-from worker.handler import Action, Handler, HandlerTimings, Settlement
+from worker.handler import Handler, HandlerTimings
 from worker.idempotency import ClaimResult, SqliteStore
-from worker.outage import Outage
-from worker.ratelimit import RateLimits
-from worker.retries import RetryPolicy
+from worker.ops.outage import Outage
 from worker.sandbox import SandboxServer
+from worker.settlement import Action, Settlement
 from worker.vendors import Vendors
+from worker.vendors.ratelimit import RateLimits
+from worker.vendors.retries import RetryPolicy
 
 from .test_vendor_calls import cancel_task, settings_for
 

@@ -22,8 +22,8 @@ from worker.idempotency import (
     InProgress,
     open_store,
 )
+from worker.replies import VendorReply
 from worker.results import now, result_event
-from worker.vendors.http import VendorReply
 
 LONG_S = 60.0  # a lease or retention that does not run out during a test
 FP, OTHER_FP = "a" * 64, "b" * 64

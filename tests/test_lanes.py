@@ -14,12 +14,12 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from schemas.commands import parse_command
-from worker.decoding import decode_message
+from worker.broker.decoding import decode_message
+from worker.broker.lanes import LANED_AT_HEADER, LaneMonitor, vendor_of
+from worker.broker.topology import Topology
 from worker.demo import demo_commands, sandbox_settings
-from worker.lanes import LANED_AT_HEADER, LaneMonitor, vendor_of
+from worker.ops.telemetry import Telemetry
 from worker.sandbox import SandboxServer
-from worker.telemetry import Telemetry
-from worker.topology import Topology
 
 from .harness import embedded, running_relay
 from .lanes import FLOOD, flood_and_quiet, quiet_answered_during_the_flood

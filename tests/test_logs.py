@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from worker.logs import RedactingFilter, redact
+from worker.ops.logs import RedactingFilter, redact
 
 SECRETS = ["eyJhbGciOi.secret-token", "hunter2", "s3cr3t-client"]
 

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from worker.ratelimit import RateLimits, RateSlot, Unlimited
+from worker.vendors.ratelimit import RateLimits, RateSlot, Unlimited
 
 ESET_LIMIT = {"eset": "10/second"}
 

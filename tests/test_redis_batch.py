@@ -14,7 +14,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from worker.redis_batch import ScriptBatcher
+from worker.idempotency.batch import ScriptBatcher
 
 ECHO_OR_FAIL = """
 if ARGV[1] == 'fail' then return redis.error_reply('asked to fail') end

@@ -18,7 +18,7 @@ from worker.errors import (
     TransientFailure,
     VendorThrottled,
 )
-from worker.retries import RetryPolicy
+from worker.vendors.retries import RetryPolicy
 
 
 class FakeTime:

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from worker.handler import Handler, HandlerTimings, Settlement
+from worker.handler import Handler, HandlerTimings
 from worker.idempotency import Claimed, SqliteStore, fingerprint
-from worker.ratelimit import RateLimits
-from worker.retries import RetryPolicy
 from worker.sandbox import Faults, SandboxServer, ScriptedFault
+from worker.settlement import Settlement
 from worker.vendors import Vendors
 from worker.vendors.http import CallBudget
+from worker.vendors.ratelimit import RateLimits
+from worker.vendors.retries import RetryPolicy
 
 from .test_vendor_calls import batch_delete, settings_for
 

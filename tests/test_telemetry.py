@@ -22,10 +22,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from worker.client import Reply
-from worker.health import create_health_app
-from worker.logs import handler_for
+from worker.ops.health import create_health_app
+from worker.ops.logs import handler_for
+from worker.ops.telemetry import Telemetry
 from worker.sandbox import Faults, SandboxServer, ScriptedFault
-from worker.telemetry import Telemetry
 
 from .harness import RunningRelay, embedded, running_relay
 

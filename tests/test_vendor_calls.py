@@ -30,12 +30,13 @@ from schemas.commands import (
 from schemas.events import ErrorCode
 from worker.demo import sandbox_settings, sandbox_tenant
 from worker.errors import CommandRejected, PermanentFailure, RelayError, TransientFailure
-from worker.ratelimit import RateLimits
-from worker.retries import RetryPolicy
+from worker.replies import VendorReply
 from worker.sandbox import Faults, SandboxConfig, SandboxServer, ScriptedFault
 from worker.settings import EsetAccount, Settings, SpaazaAccount, Tenant
 from worker.vendors import Vendors
-from worker.vendors.http import CallBudget, VendorReply
+from worker.vendors.http import CallBudget
+from worker.vendors.ratelimit import RateLimits
+from worker.vendors.retries import RetryPolicy
 
 MAX_ATTEMPTS = 3
 

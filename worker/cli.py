@@ -27,10 +27,10 @@ def run() -> None:
 
     SIGTERM or Ctrl-C stops taking new commands and lets in-flight ones finish.
     """
-    from worker import logs
+    from worker.ops import logs
+    from worker.ops.telemetry import from_environment
     from worker.service import RelayService
     from worker.settings import Settings
-    from worker.telemetry import from_environment
 
     settings = Settings()
     logs.configure(settings.log_level, settings.log_format)
@@ -49,8 +49,8 @@ def demo(
 
     Prints each result event as it arrives; exits 0 when all of them succeeded.
     """
-    from worker import logs
     from worker.demo import run_demo
+    from worker.ops import logs
 
     logs.configure("WARNING")
     ok = run_demo(timeout, _print_summary_and_event)
@@ -74,9 +74,9 @@ def send(
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 60.0,
 ) -> None:
     """Publish a command, from flags or from JSON, to the configured broker."""
+    from worker.broker.topology import Topology
     from worker.client import CommandClient
     from worker.settings import Settings
-    from worker.topology import Topology
 
     command = _command_from(command_type, params, tenant, key, deadline, file)
     settings = Settings()

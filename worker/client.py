@@ -15,8 +15,8 @@ from kombu import Consumer, Producer, Queue
 from kombu.message import Message
 
 from schemas.events import ResultEvent
-from worker.broker import connect, is_amqp
-from worker.topology import Topology
+from worker.broker.connection import connect, is_amqp
+from worker.broker.topology import Topology
 
 PERSISTENT = 2
 

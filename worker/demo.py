@@ -18,12 +18,12 @@ from typing import Any
 from pydantic import SecretStr
 
 from schemas.events import ResultEvent
+from worker.broker.topology import Topology
 from worker.client import CommandClient
+from worker.ops.telemetry import from_environment
 from worker.sandbox import Faults, SandboxConfig, SandboxServer, ScriptedFault
 from worker.service import RelayService
 from worker.settings import EsetAccount, FylrAccount, Settings, SpaazaAccount, Tenant
-from worker.telemetry import from_environment
-from worker.topology import Topology
 
 
 def sandbox_tenant(base_url: str, config: SandboxConfig) -> Tenant:

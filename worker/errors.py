@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from schemas.events import ErrorCode, ErrorInfo
 
 if TYPE_CHECKING:
-    from worker.vendors.http import VendorReply
+    from worker.replies import VendorReply
 
 
 class RelayError(Exception):

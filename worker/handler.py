@@ -15,13 +15,11 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from enum import Enum
 from functools import partial
 from typing import TypeVar
 
 from schemas.commands import Command
 from schemas.events import ErrorCode, ErrorInfo, ResultEvent
-from worker.decoding import Rejected
 from worker.errors import CommandRejected, RelayError, StoreUnavailable
 from worker.idempotency import (
     Claimed,
@@ -31,11 +29,13 @@ from worker.idempotency import (
     InProgress,
     fingerprint,
 )
-from worker.outage import Outage
-from worker.results import command_fields, now, outcome_of, rejection, result_event
-from worker.retries import RetryPolicy
+from worker.ops.outage import Outage
+from worker.replies import VendorReply
+from worker.results import Rejected, command_fields, now, outcome_of, rejection, result_event
+from worker.settlement import Action, DeliveryInfo, Settlement
 from worker.vendors import Vendors
-from worker.vendors.http import CallBudget, VendorReply
+from worker.vendors.http import CallBudget
+from worker.vendors.retries import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -45,40 +45,6 @@ READ_ONLY_TYPES = frozenset({"fetch-patching"})
 # key is judged afresh, while a redelivery of the rejected message replays its event.
 REJECTION_KEY_PREFIX = "rejected:"
 T = TypeVar("T")
-
-
-class Action(Enum):
-    ACK = "ack"
-    DEAD_LETTER = "dead_letter"  # the original is kept in the dead-letter queue
-    REQUEUE = "requeue"
-    DELAY = "delay"  # back to the command queue after a delay queue's TTL; the original is acked
-    FORWARD = "forward"  # to its lane (worker/lanes.py); the original is acked
-
-
-@dataclass(frozen=True)
-class Settlement:
-    """What becomes of a delivery: the event to publish (if any), then the action."""
-
-    event: ResultEvent | None
-    action: Action
-    delay_s: float = 0.0  # DELAY: how long the command waits before it comes back
-    retries: int = 0  # DELAY: the delayed retries it will have taken
-    attempts: int = 0  # DELAY: the vendor calls made for it so far
-    queue: str = ""  # FORWARD: the lane's queue
-
-    @classmethod
-    def for_event(cls, event: ResultEvent) -> Settlement:
-        keep = event.data.outcome != "succeeded" and not event.data.replayed
-        return cls(event, Action.DEAD_LETTER if keep else Action.ACK)
-
-
-@dataclass(frozen=True)
-class DeliveryInfo:
-    """What the broker's headers say about this delivery of the command."""
-
-    retries: int = 0  # delayed retries already taken
-    attempts: int = 0  # vendor calls made by earlier deliveries
-    last_delivery: bool = False  # the broker dead-letters it if this delivery fails too
 
 
 @dataclass(frozen=True)

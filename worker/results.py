@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypedDict
 
 from schemas.commands import Command
 from schemas.events import ErrorCode, ErrorInfo, Outcome, ResultData, ResultEvent, VendorAnswer
 from worker.errors import CommandRejected, RelayError
-from worker.vendors.http import VendorReply
+from worker.replies import VendorReply
 
 
 class CommandFields(TypedDict):
@@ -97,3 +98,12 @@ def rejection(
         started_at=now(),
         error=ErrorInfo(code=code, message=message),
     )
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A message that is not a command: why, and what addresses its event."""
+
+    error: CommandRejected
+    fields: CommandFields
+    digest: str  # of the command id and the body: the same message again has the same

@@ -12,20 +12,21 @@ from opentelemetry import context, trace
 from opentelemetry.trace import Span
 
 from schemas.commands import Command
-from worker.consumer import CommandConsumer, ConsumerSettings
-from worker.decoding import Rejected
-from worker.handler import DeliveryInfo, Handler, HandlerTimings, Settlement
-from worker.health import Check, create_health_app
-from worker.http_server import BackgroundServer
+from worker.broker.consumer import CommandConsumer, ConsumerSettings
+from worker.broker.topology import Topology
+from worker.handler import Handler, HandlerTimings
 from worker.idempotency import IdempotencyStore, open_store
-from worker.outage import Outage
-from worker.ratelimit import RateLimits
-from worker.retries import RetryPolicy
+from worker.ops.health import Check, create_health_app
+from worker.ops.http_server import BackgroundServer
+from worker.ops.outage import Outage
+from worker.ops.telemetry import Telemetry
+from worker.results import Rejected
 from worker.runtime import HandlerLoop
 from worker.settings import Settings
-from worker.telemetry import Telemetry
-from worker.topology import Topology
+from worker.settlement import DeliveryInfo, Settlement
 from worker.vendors import Vendors
+from worker.vendors.ratelimit import RateLimits
+from worker.vendors.retries import RetryPolicy
 
 log = logging.getLogger(__name__)
 STORE_PING_TIMEOUT_S = 2.0

@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     # A command larger than this is rejected before it is parsed (1000 object uuids, the
     # largest batch, take about 42 KiB). With the prefetch it bounds the bytes held.
     max_message_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
-    # Lanes (worker/lanes.py): each configured account of a rate-limited vendor gets a
+    # Lanes (worker/broker/lanes.py): each configured account of a rate-limited vendor gets a
     # queue of its own, <prefix><vendor>.<tenant>, so its backlog waits there and not in
     # the command queue. The worker declares and consumes them; publishers never use them.
     lane_queue_prefix: str = Field(default="relay.lane.", min_length=1, max_length=120)

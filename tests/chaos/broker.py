@@ -24,8 +24,8 @@ from typing import Any
 import pika
 import pika.exceptions
 
+from worker.broker.topology import Topology
 from worker.settings import Settings
-from worker.topology import Topology
 
 RECONNECT_PAUSE_S = 0.5
 CTL_TIMEOUT_S = 120.0

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pika
 import pytest
 
+from worker.broker.topology import SAFE_DEAD_LETTERING
 from worker.sandbox import Faults, SandboxServer
-from worker.topology import SAFE_DEAD_LETTERING
 
 from ..harness import RunningRelay, running_relay
 from ..lanes import FLOOD, batch_delete, flood_and_quiet, quiet_answered_during_the_flood
@@ -72,7 +72,7 @@ def test_stopping_lets_laned_commands_in_flight_finish(
     while "eset.token" not in sandbox.state.stats()["calls"] and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.1)
-    with caplog.at_level(logging.WARNING, logger="worker.consumer"):
+    with caplog.at_level(logging.WARNING, logger="worker.broker.consumer"):
         relay.stop()
     assert {e.data.outcome for e in relay.events(3)} == {"succeeded"}
     assert not [r for r in caplog.records if "connection lost" in r.getMessage()]
@@ -82,6 +82,6 @@ def test_stopping_lets_laned_commands_in_flight_finish(
 def test_an_idle_worker_stops_without_losing_its_connection(
     relay: RunningRelay, caplog: pytest.LogCaptureFixture
 ):
-    with caplog.at_level(logging.WARNING, logger="worker.consumer"):
+    with caplog.at_level(logging.WARNING, logger="worker.broker.consumer"):
         relay.stop()
     assert not [r for r in caplog.records if "connection lost" in r.getMessage()]

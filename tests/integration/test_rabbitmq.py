@@ -13,11 +13,11 @@ import pika
 import pika.exceptions
 import pytest
 
+from worker.broker.topology import Topology
 from worker.client import CommandClient
 from worker.demo import demo_commands
 from worker.sandbox import Faults, SandboxServer, ScriptedFault
 from worker.settings import Settings
-from worker.topology import Topology
 
 from ..harness import RunningRelay, running_relay
 

@@ -5,7 +5,7 @@ from typing import Self
 
 import uvicorn
 
-from worker.http_server import BackgroundServer, uvicorn_config
+from worker.ops.http_server import BackgroundServer, uvicorn_config
 from worker.sandbox.app import create_app
 from worker.sandbox.config import SandboxConfig
 from worker.sandbox.state import SandboxState

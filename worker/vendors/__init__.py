@@ -23,15 +23,16 @@ from schemas.commands import (
 )
 from schemas.events import ErrorCode
 from worker.errors import CommandRejected
-from worker.ratelimit import RateLimits
-from worker.retries import RetryPolicy
+from worker.ops.telemetry import Telemetry
+from worker.replies import VendorReply
 from worker.settings import Settings, Tenant
-from worker.telemetry import Telemetry
 from worker.vendors import eset, fylr
 from worker.vendors.auth import OAuthToken, StaticBearer
 from worker.vendors.eset import EsetClient
 from worker.vendors.fylr import FylrClient
-from worker.vendors.http import CallBudget, VendorHttp, VendorReply
+from worker.vendors.http import CallBudget, VendorHttp
+from worker.vendors.ratelimit import RateLimits
+from worker.vendors.retries import RetryPolicy
 from worker.vendors.spaaza import SpaazaClient
 from worker.vendors.transport import VendorClient
 

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from worker.errors import PermanentFailure
-from worker.vendors.http import CallBudget, VendorReply, VendorRequest
+from worker.replies import VendorReply, VendorRequest
+from worker.vendors.http import CallBudget
 
 log = logging.getLogger(__name__)
 

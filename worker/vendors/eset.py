@@ -11,9 +11,10 @@ from __future__ import annotations
 from schemas.commands import MAX_OBJECTS_PER_BATCH, BatchDeleteParams, EsetUpdateTriggersParams
 from schemas.events import ErrorCode
 from worker.errors import CommandRejected
+from worker.replies import VendorReply, VendorRequest
 from worker.settings import EsetAccount
 from worker.vendors.coalescing import BatchDeleteCoalescer
-from worker.vendors.http import CallBudget, VendorHttp, VendorReply, VendorRequest
+from worker.vendors.http import CallBudget, VendorHttp
 
 QUARANTINE_REGIONS = frozenset({"eu", "de", "us", "ca"})
 TOKEN_SERVICE = "business-account.iam"

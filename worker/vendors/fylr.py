@@ -16,9 +16,10 @@ from typing import Any
 
 from schemas.commands import CancelTaskParams
 from worker.errors import PermanentFailure
+from worker.replies import VendorReply, VendorRequest
 from worker.settings import FylrAccount
 from worker.vendors.auth import Form
-from worker.vendors.http import CallBudget, VendorHttp, VendorReply, VendorRequest
+from worker.vendors.http import CallBudget, VendorHttp
 
 
 def token_url(account: FylrAccount) -> str:

@@ -11,7 +11,6 @@ collect fails the command as ``result_lost`` instead of risking the action twice
 
 from __future__ import annotations
 
-import email.utils
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -23,41 +22,15 @@ from opentelemetry import trace
 
 from schemas.events import ErrorCode, VendorName
 from worker.errors import PermanentFailure, TransientFailure, VendorThrottled
-from worker.retries import RetryPolicy
-from worker.telemetry import Telemetry
+from worker.ops.telemetry import Telemetry
+from worker.replies import VendorReply, VendorRequest, retry_after_s
+from worker.vendors.retries import RetryPolicy
 from worker.vendors.transport import TOO_LARGE_HEADER, VendorClient
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 # While collecting, 504 means "ESET gave up waiting": not a pause to retry through.
 COLLECT_RETRYABLE_STATUSES = frozenset({429, 500, 502, 503})
 MAX_ERROR_TEXT = 300
-
-
-@dataclass(frozen=True)
-class VendorRequest:
-    """What to send; ``route`` is the URL template, for logs and spans."""
-
-    vendor: VendorName
-    method: str
-    url: str
-    route: str
-    json: Any = None
-
-    @property
-    def is_mutation(self) -> bool:
-        return self.method != "GET"
-
-
-@dataclass(frozen=True)
-class VendorReply:
-    """The vendor's answer, as the result event reports it."""
-
-    vendor: VendorName
-    status: int
-    body: Any
-    request_id: str | None = None
-    response_id: str | None = None
-    retry_after_s: float | None = None
 
 
 @dataclass
@@ -320,19 +293,6 @@ def _json_or_text(response: httpx.Response) -> Any:
         return response.json()
     except ValueError:
         return response.text[:MAX_ERROR_TEXT]
-
-
-def retry_after_s(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value.strip())
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def transient(reply: VendorReply) -> TransientFailure:

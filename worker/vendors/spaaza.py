@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from schemas.commands import SpaazaUpdateTriggersParams
+from worker.replies import VendorReply, VendorRequest
 from worker.settings import SpaazaAccount
-from worker.vendors.http import CallBudget, VendorHttp, VendorReply, VendorRequest
+from worker.vendors.http import CallBudget, VendorHttp
 
 
 class SpaazaClient:

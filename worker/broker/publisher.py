@@ -2,7 +2,7 @@
 
 With RabbitMQ the channel is in confirm mode: publishing does not wait, and the consumer
 acks a delivery only once the broker has confirmed what was published for it
-(:class:`~worker.confirms.Confirms`), never before.
+(:class:`~worker.broker.confirms.Confirms`), never before.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, Tracer
 
 from schemas.events import EVENT_CONTENT_TYPE, ResultEvent
-from worker.confirms import Confirms
-from worker.lanes import LANED_AT_HEADER
-from worker.telemetry import messaging_attributes, trace_headers
-from worker.topology import Topology
+from worker.broker.confirms import Confirms
+from worker.broker.lanes import LANED_AT_HEADER
+from worker.broker.topology import Topology
+from worker.ops.telemetry import messaging_attributes, trace_headers
 
 PERSISTENT = 2
 DEFAULT_EXCHANGE = "amq.default"  # the conventions' name for RabbitMQ's nameless exchange

@@ -16,8 +16,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas.events import ResultEvent
 from worker.errors import StoreUnavailable
-from worker.idempotency import Claimed, ClaimResult, _decide
-from worker.redis_batch import ScriptBatcher
+from worker.idempotency.batch import ScriptBatcher
+from worker.idempotency.store import Claimed, ClaimResult, _decide
 
 # Redis away (refused, reset, loading, timed out): the command is held, not failed.
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)

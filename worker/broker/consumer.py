@@ -35,17 +35,17 @@ from opentelemetry.trace import Span, StatusCode
 
 from schemas.commands import Command
 from schemas.events import ErrorCode, ErrorInfo, ResultEvent
-from worker.broker import connect, is_amqp
-from worker.confirms import Confirms
-from worker.decoding import Rejected, decode_message, fields_of, preview, usable_text
+from worker.broker.confirms import Confirms
+from worker.broker.connection import connect, is_amqp
+from worker.broker.decoding import decode_message, fields_of, preview, usable_text
+from worker.broker.lanes import Lane, LaneMonitor
+from worker.broker.publisher import Publisher
+from worker.broker.topology import Topology
 from worker.errors import StoreUnavailable
-from worker.handler import Action, DeliveryInfo, Settlement
-from worker.lanes import Lane, LaneMonitor
-from worker.outage import Outage
-from worker.publisher import Publisher
-from worker.results import CommandFields, command_fields, now, result_event
-from worker.telemetry import Telemetry, start_process_span
-from worker.topology import Topology
+from worker.ops.outage import Outage
+from worker.ops.telemetry import Telemetry, start_process_span
+from worker.results import CommandFields, Rejected, command_fields, now, result_event
+from worker.settlement import Action, DeliveryInfo, Settlement
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class CommandConsumer:
 
     def connection(self) -> Connection:
         settings = self._settings
-        # Confirms are tracked per delivery (worker/confirms.py), not waited for per publish.
+        # Confirms are tracked per delivery (worker/broker/confirms.py), not waited for per publish.
         return connect(
             settings.broker_url,
             settings.poll_interval_s,

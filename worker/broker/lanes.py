@@ -35,10 +35,10 @@ from schemas.commands import (
     SpaazaUpdateTriggersParams,
     UpdateTriggersCommand,
 )
-from worker.broker import connect
-from worker.ratelimit import calls_per_s
+from worker.broker.connection import connect
+from worker.ops.telemetry import Instruments
 from worker.settings import Settings
-from worker.telemetry import Instruments
+from worker.vendors.ratelimit import calls_per_s
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The broker objects of the contract: exchanges, the command queue, the dead-letter queue,
-the worker's own lanes (``worker/lanes.py``) and (RabbitMQ only) the delay queues of
+the worker's own lanes (``worker/broker/lanes.py``) and (RabbitMQ only) the delay queues of
 delayed retries.
 
 On RabbitMQ the command queue is a durable quorum queue whose ``delivery-limit`` dead-letters
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from kombu import Exchange, Queue
 
 from schemas.commands import Command
-from worker.broker import is_amqp
-from worker.decoding import Rejected
-from worker.lanes import Lane, lanes_from, vendor_of
+from worker.broker.connection import is_amqp
+from worker.broker.lanes import Lane, lanes_from, vendor_of
+from worker.results import Rejected
 from worker.settings import Settings
 
 SAFE_DEAD_LETTERING = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}

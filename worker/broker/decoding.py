@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -19,7 +18,7 @@ from pydantic_core import from_json
 from schemas.commands import COMMAND_TYPES, MAX_ID_LENGTH, TENANT_PATTERN, Command, parse_command
 from schemas.events import ErrorCode
 from worker.errors import CommandRejected
-from worker.results import CommandFields
+from worker.results import CommandFields, Rejected
 
 MAX_PROBLEMS = 5
 MAX_JSON_DEPTH = 32  # the deepest valid command is 5 levels; Spaaza's `target` may nest
@@ -31,15 +30,6 @@ ACCEPTED_CONTENT_TYPES = frozenset(
      "application/data"}
 )
 ACCEPTED_CONTENT_ENCODINGS = frozenset({"", "utf-8", "utf8", "binary"})
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """A message that is not a command: why, and what addresses its event."""
-
-    error: CommandRejected
-    fields: CommandFields
-    digest: str  # of the command id and the body: the same message again has the same
 
 
 def decode_message(

@@ -35,7 +35,7 @@ from typing import Protocol
 from limits import parse
 
 from worker.errors import StoreUnavailable
-from worker.outage import Outage
+from worker.ops.outage import Outage
 
 KEY_PREFIX = "relay:pace:"
 LOG_KEY_PREFIX = "relay:sent:"
@@ -136,7 +136,7 @@ class RedisPacer:
     def __init__(self, url: str) -> None:
         from redis.asyncio import Redis  # the redis extra: only a fleet needs it
 
-        from worker.idempotency_redis import SOCKET_TIMEOUT_S, UNREACHABLE
+        from worker.idempotency.redis import SOCKET_TIMEOUT_S, UNREACHABLE
 
         self._unreachable = UNREACHABLE
         self._redis = Redis.from_url(

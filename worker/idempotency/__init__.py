@@ -1,0 +1,39 @@
+"""The idempotency store (``store.py``: the protocol, and what a claim decides), with
+its backends: SQLite (``sqlite.py``) and Redis (``redis.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from worker.idempotency.sqlite import SqliteStore
+from worker.idempotency.store import (
+    Claimed,
+    ClaimResult,
+    Completed,
+    Conflict,
+    IdempotencyStore,
+    InProgress,
+    fingerprint,
+)
+
+__all__ = [
+    "ClaimResult",
+    "Claimed",
+    "Completed",
+    "Conflict",
+    "IdempotencyStore",
+    "InProgress",
+    "SqliteStore",
+    "fingerprint",
+    "open_store",
+]
+
+
+def open_store(url: str, lease_s: float, retention_s: float) -> IdempotencyStore:
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from worker.idempotency.redis import RedisStore  # the redis extra: a fleet only
+
+        return RedisStore(url, lease_s, retention_s)
+    if url.startswith("sqlite:///"):
+        return SqliteStore(Path(url.removeprefix("sqlite:///")), lease_s, retention_s)
+    raise ValueError(f"unsupported idempotency store URL {url!r}: use sqlite:/// or redis://")
