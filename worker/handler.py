@@ -61,6 +61,11 @@ class HandlerTimings:
 
 
 class Handler:
+    """Decides what becomes of one decoded delivery: claims its idempotency key, runs the
+    command against its vendor (or replays, defers or rejects it), stores the result
+    with the claim (the outbox), and returns the :class:`~worker.settlement.Settlement`
+    for the consumer to carry out. It never touches the broker."""
+
     def __init__(
         self,
         store: IdempotencyStore,

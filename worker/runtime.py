@@ -2,7 +2,7 @@
 thread of its own (the process's main thread waits for signals).
 
 The loop is uvloop's where it is installed (not on Windows): the handler loop is the
-worker's busiest thread, and uvloop takes about a fifth off its CPU per command.
+worker's busiest thread, and uvloop makes it cheaper per command (``bench/README.md``).
 """
 
 from __future__ import annotations

@@ -33,6 +33,10 @@ STORE_PING_TIMEOUT_S = 2.0
 
 
 class RelayService:
+    """The worker as ``command-relay run`` starts it: settings in, the stores, vendor
+    clients, handler and consumer wired together on one loop, with the health server.
+    ``run(stop)`` serves until ``stop`` is set."""
+
     def __init__(
         self,
         settings: Settings,

@@ -2,11 +2,11 @@
 
 The kombu connection lives on the same asyncio loop as the handlers, so a finished
 handler is settled without crossing threads: a second thread for the connection cost a
-GIL hand-over (up to the 5 ms switch interval) every time either side woke, which under
-load delayed each settlement by tens of milliseconds. The loop watches the broker's socket
+GIL hand-over every time either side woke, which under load delayed settlements
+(``bench/README.md`` has the figures). The loop watches the broker's socket
 (``add_reader``) and reads what has arrived without blocking, decodes and validates each
 message, and starts its handler as a task. When a task is done this consumer carries out
-its :class:`~worker.handler.Settlement`: publish the event, keep the original in the
+its :class:`~worker.settlement.Settlement`: publish the event, keep the original in the
 dead-letter queue when asked, and ack once the broker has confirmed those publishes.
 It is the one place that settles messages. Heartbeats are checked on every pass.
 
@@ -87,6 +87,11 @@ class ConsumerSettings:
 
 
 class CommandConsumer:
+    """Takes commands off the command queue and the lanes, starts a handler task per
+    delivery, and carries out each :class:`~worker.settlement.Settlement` (publish,
+    forward, delay, dead-letter, ack): the one place that settles messages. ``run``
+    reconnects with back-off until it is told to stop."""
+
     def __init__(
         self,
         settings: ConsumerSettings,

@@ -27,6 +27,10 @@ DEFAULT_EXCHANGE = "amq.default"  # the conventions' name for RabbitMQ's nameles
 
 
 class Publisher:
+    """Publishes on the consumer's channel: result events (to the events exchange and a
+    command's reply queue), and a command as it came to its lane, a delay queue or the
+    dead-letter queue. Every publish is counted into the open confirm group."""
+
     def __init__(
         self, producer: Producer, topology: Topology, tracer: Tracer, confirms: Confirms
     ) -> None:

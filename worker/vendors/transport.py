@@ -1,14 +1,13 @@
 """The HTTP client of one vendor account: httpx requests and responses, sent straight to
 a transport over aiohttp's connection pool.
 
-CPU per request against the sandbox, 32 in flight, on this project's 2-core machine
-(``python -m bench.http_clients``): ``httpx.AsyncClient`` on its own transport (httpcore
-on anyio) about 2.2 ms, most of it in cancel scopes, locks and a walk of the whole pool
-per request (encode/httpx#3215); over httpx-aiohttp's transport about 0.5 ms; and about
-0.35 ms sent straight to that transport, skipping ``httpx.AsyncClient``'s layers (cookie
-jar, auth and redirect flows, URL merging), none of which a vendor call uses: auth is
-ours, redirects are refused and no vendor sets cookies. That CPU is what bounds commands
-per second.
+``httpx.AsyncClient`` on its own transport (httpcore on anyio) spends most of a request's
+CPU in cancel scopes, locks and a walk of the whole pool per request (encode/httpx#3215);
+aiohttp's pool costs a fraction of that, and sending straight to it skips the client's
+layers (cookie jar, auth and redirect flows, URL merging), none of which a vendor call
+uses: auth is ours, redirects are refused and no vendor sets cookies. That CPU is what
+bounds commands per second; the figures, and the command that measures them
+(``python -m bench.http_clients``), are in ``bench/README.md``.
 """
 
 from __future__ import annotations
