@@ -94,7 +94,7 @@ def running_relay(
         **overrides,
     }
     settings = sandbox_settings(sandbox.base_url, sandbox.state.config, **values)
-    service = RelayService(settings, telemetry=telemetry)
+    service = RelayService(settings, telemetry or Telemetry.using())
     stop = threading.Event()
     thread = threading.Thread(target=service.run, args=(stop,), name="relay")
     thread.start()

@@ -20,6 +20,7 @@ from schemas.commands import Command
 from schemas.events import ErrorCode
 from worker.demo import sandbox_tenant
 from worker.errors import PermanentFailure, TransientFailure
+from worker.ops.telemetry import Telemetry
 from worker.replies import VendorReply, VendorRequest
 from worker.sandbox import Faults, SandboxServer, ScriptedFault
 from worker.settings import Settings
@@ -65,7 +66,7 @@ def run_together(
     marks, stagger_s = marks or {}, stagger_s or {}
 
     async def main() -> list[Outcome]:
-        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy)
+        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy, Telemetry.using())
         outcomes = [
             Outcome(c, CallBudget(policy.clock() + 20, before_first_mutation=marks.get(i)))
             for i, c in enumerate(commands)

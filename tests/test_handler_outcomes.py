@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,9 @@ import pytest
 from pydantic import SecretStr
 
 from schemas.commands import Command, parse_command
-from worker.handler import Handler, HandlerTimings
+from worker.handler import Handler
 from worker.idempotency import SqliteStore, fingerprint
+from worker.ops.telemetry import Telemetry
 from worker.results import now, result_event
 from worker.settings import EsetAccount, Settings, Tenant
 from worker.settlement import Action, Settlement
@@ -206,9 +207,10 @@ async def handle(cmd: Command, row: Row, vendor: Vendor, tmp_path: Path) -> Sett
         rate_limits={}, collect_interval_s=0,
     )
     store = SqliteStore(tmp_path / "claims.sqlite3", lease_s=30, retention_s=600)
-    vendors = Vendors(settings, RateLimits({}), policy, transport=httpx.MockTransport(vendor))
-    timings = HandlerTimings(
-        command_timeout_s=60, retry_in_process_s=20,
+    vendors = Vendors(settings, RateLimits({}), policy, Telemetry.using(),
+                      transport=httpx.MockTransport(vendor))
+    timings = replace(
+        settings.handler_timings, command_timeout_s=60, retry_in_process_s=20,
         retry_delays_s=(5.0,) if row.delay_queues else (), claim_lease_s=30,
     )
     try:

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from schemas.events import ResultEvent
 from worker.broker.decoding import decode_message
 from worker.errors import StoreUnavailable
-from worker.handler import Handler, HandlerTimings
+from worker.handler import Handler
 from worker.idempotency import ClaimResult, SqliteStore
 from worker.ops.outage import Outage
+from worker.ops.telemetry import Telemetry
 from worker.sandbox import SandboxServer
 from worker.settlement import Action, Settlement
 from worker.vendors import Vendors
@@ -55,10 +57,9 @@ def run(sandbox: SandboxServer, store: SqliteStore, *messages: Any) -> list[Sett
 
     async def main() -> list[Settlement]:
         outage = Outage({"idempotency": store.ping}, probe_interval_s=0.01)
-        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy)
-        handler = Handler(
-            store, vendors, policy, HandlerTimings(command_timeout_s=10), "test-owner", outage
-        )
+        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy, Telemetry.using())
+        timings = replace(settings.handler_timings, command_timeout_s=10)
+        handler = Handler(store, vendors, policy, timings, "test-owner", outage)
         try:
             return [await handler.handle(message) for message in messages]
         finally:

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from worker.handler import Handler, HandlerTimings
+from worker.handler import Handler
 from worker.idempotency import Claimed, SqliteStore, fingerprint
+from worker.ops.telemetry import Telemetry
 from worker.sandbox import Faults, SandboxServer, ScriptedFault
 from worker.settlement import Settlement
 from worker.vendors import Vendors
@@ -37,7 +39,7 @@ def test_the_taker_collects_a_dead_holders_202(sandbox: SandboxServer, tmp_path:
 
     async def main() -> tuple[str, Settlement]:
         store = SqliteStore(tmp_path / "store.sqlite3", lease_s=LEASE_S, retention_s=600)
-        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy)
+        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy, Telemetry.using())
         try:
             # The holder: claims, sends, gets the 202, keeps its response-id, dies.
             await store.claim(command.key, fingerprint(command), "dead-holder")
@@ -52,9 +54,8 @@ def test_the_taker_collects_a_dead_holders_202(sandbox: SandboxServer, tmp_path:
             with pytest.raises(Died):
                 await vendors.execute(command, budget)
             await asyncio.sleep(LEASE_S * 1.5)  # its lease runs out
-            taker = Handler(
-                store, vendors, policy, HandlerTimings(command_timeout_s=10), "taker"
-            )
+            timings = replace(settings.handler_timings, command_timeout_s=10)
+            taker = Handler(store, vendors, policy, timings, "taker")
             return kept[0], await taker.handle(command)
         finally:
             await vendors.aclose()
@@ -94,8 +95,9 @@ def test_a_holder_stopped_mid_collect_leaves_its_202_claimed(
 
     async def main() -> object:
         store = WatchedStore(tmp_path / "store.sqlite3")
-        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy)
-        holder = Handler(store, vendors, policy, HandlerTimings(command_timeout_s=30), "holder")
+        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy, Telemetry.using())
+        timings = replace(settings.handler_timings, command_timeout_s=30)
+        holder = Handler(store, vendors, policy, timings, "holder")
         try:
             handling = asyncio.ensure_future(holder.handle(command))
             await asyncio.wait_for(store.accepted.wait(), 10)
@@ -144,9 +146,9 @@ def test_a_delivery_that_lost_its_claim_does_not_send_beside_its_own_redelivery(
 
     async def main() -> list[Settlement]:
         store = FirstMarkStalls(tmp_path / "store.sqlite3")
-        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy)
-        handler = Handler(store, vendors, policy, HandlerTimings(command_timeout_s=10),
-                          "one-process")
+        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy, Telemetry.using())
+        timings = replace(settings.handler_timings, command_timeout_s=10)
+        handler = Handler(store, vendors, policy, timings, "one-process")
         try:
             first = asyncio.create_task(handler.handle(command))
             await store.stalled.wait()

@@ -30,6 +30,7 @@ from schemas.commands import (
 from schemas.events import ErrorCode
 from worker.demo import sandbox_settings, sandbox_tenant
 from worker.errors import CommandRejected, PermanentFailure, RelayError, TransientFailure
+from worker.ops.telemetry import Telemetry
 from worker.replies import VendorReply
 from worker.sandbox import Faults, SandboxConfig, SandboxServer, ScriptedFault
 from worker.settings import EsetAccount, Settings, SpaazaAccount, Tenant
@@ -72,7 +73,7 @@ def execute(
     )
 
     async def main() -> list[Outcome]:
-        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy)
+        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy, Telemetry.using())
         outcomes = []
         try:
             for index, command in enumerate(commands):

@@ -13,7 +13,6 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import TypeVar
@@ -32,6 +31,7 @@ from worker.idempotency import (
 from worker.ops.outage import Outage
 from worker.replies import VendorReply
 from worker.results import Rejected, command_fields, now, outcome_of, rejection, result_event
+from worker.settings import HandlerTimings
 from worker.settlement import Action, DeliveryInfo, Settlement
 from worker.vendors import Vendors
 from worker.vendors.http import CallBudget
@@ -45,19 +45,6 @@ READ_ONLY_TYPES = frozenset({"fetch-patching"})
 # key is judged afresh, while a redelivery of the rejected message replays its event.
 REJECTION_KEY_PREFIX = "rejected:"
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class HandlerTimings:
-    command_timeout_s: float  # the longest one delivery works on a command (collects too)
-    # With delay queues (RabbitMQ), back-off beyond ``retry_in_process_s`` goes through
-    # them instead of holding the delivery; without (embedded broker) ``retry_delays_s`` is
-    # empty and retries stay in process for the whole command timeout.
-    retry_in_process_s: float = 20.0
-    retry_delays_s: tuple[float, ...] = ()
-    defer_s: float = 2.0  # a duplicate of work in progress elsewhere comes back after this
-    claim_lease_s: float = 300.0  # renewed every third of it while a command is worked on
-    defer_poll_s: float = 0.5  # without delay queues: how often a duplicate looks again
 
 
 class Handler:

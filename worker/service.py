@@ -12,9 +12,9 @@ from opentelemetry import context, trace
 from opentelemetry.trace import Span
 
 from schemas.commands import Command
-from worker.broker.consumer import CommandConsumer, ConsumerSettings
+from worker.broker.consumer import CommandConsumer
 from worker.broker.topology import Topology
-from worker.handler import Handler, HandlerTimings
+from worker.handler import Handler
 from worker.idempotency import IdempotencyStore, open_store
 from worker.ops.health import Check, create_health_app
 from worker.ops.http_server import BackgroundServer
@@ -40,21 +40,17 @@ class RelayService:
     def __init__(
         self,
         settings: Settings,
-        telemetry: Telemetry | None = None,
+        telemetry: Telemetry,
     ) -> None:
         self.settings = settings
-        self.telemetry = telemetry or Telemetry.using()
+        self.telemetry = telemetry
         self.health: BackgroundServer | None = None  # serving while run() runs, if enabled
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.loop = HandlerLoop()
         self.store: IdempotencyStore = open_store(
             settings.idempotency_url, settings.claim_lease_s, settings.idempotency_retention_s
         )
-        policy = RetryPolicy(
-            max_attempts=settings.retry_max_attempts,
-            initial_wait_s=settings.retry_initial_wait_s,
-            max_wait_s=settings.retry_max_wait_s,
-        )
+        policy = RetryPolicy.of(settings.retry)
         topology = Topology.from_settings(settings)
         # Filled in below: the probes of the stores whose outage holds the commands.
         self.outage = outage = Outage({})
@@ -68,29 +64,12 @@ class RelayService:
             self.store,
             self.vendors,
             policy,
-            HandlerTimings(
-                command_timeout_s=settings.command_timeout_s,
-                retry_in_process_s=settings.retry_in_process_s,
-                # Delay queues exist on RabbitMQ only; elsewhere retries stay in process.
-                retry_delays_s=settings.retry_delays_s if topology.delay_queues else (),
-                defer_s=settings.defer_delay_s,
-                claim_lease_s=settings.claim_lease_s,
-            ),
+            settings.handler_timings,
             self.owner,
             outage,
         )
         self.consumer = CommandConsumer(
-            ConsumerSettings(
-                delivery_limit=settings.delivery_limit,
-                broker_url=settings.broker_url,
-                concurrency=settings.concurrency,
-                prefetch=settings.prefetch or 2 * settings.concurrency,
-                poll_interval_s=settings.broker_poll_interval_s,
-                shutdown_grace_s=settings.shutdown_grace_s,
-                max_message_bytes=settings.max_message_bytes,
-                reply_to_prefixes=settings.reply_to_prefixes,
-                lane_poll_interval_s=settings.lane_poll_interval_s,
-            ),
+            settings.consumer,
             topology,
             self._handle_in,
             self.telemetry,

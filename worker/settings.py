@@ -2,10 +2,15 @@
 
 Nested values use ``__``: ``RELAY_TENANTS__DEFAULT__ESET__PASSWORD=…`` sets the password
 of the ESET account of tenant ``default``. Secrets are ``SecretStr`` so they never print.
+
+The one source of every default: components take their group (:attr:`Settings.consumer`,
+:attr:`Settings.handler_timings`, :attr:`Settings.retry`) and declare none of their own;
+the rules that derive one setting from others live here too.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -14,6 +19,49 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from schemas.commands import MAX_OBJECTS_PER_BATCH
 
 EsetRegion = Literal["eu", "de", "us", "ca", "jpn"]
+AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
+HEARTBEAT_S = 30  # AMQP heartbeats: a dead connection is noticed within about twice this
+DEFER_POLL_S = 0.5  # without delay queues: how often a duplicate of running work looks again
+
+
+@dataclass(frozen=True)
+class ConsumerSettings:
+    """What the consumer needs (``worker/broker/consumer.py``)."""
+
+    broker_url: str
+    concurrency: int  # handlers running at once for the command queue
+    prefetch: int  # its deliveries held at once: running, waiting for a slot or for confirms
+    poll_interval_s: float  # how often the embedded broker (no socket) is polled
+    delivery_limit: int
+    shutdown_grace_s: float
+    heartbeat_s: int
+    lane_poll_interval_s: float  # how often lane backlogs are asked for (metrics)
+    max_message_bytes: int
+    reply_to_prefixes: tuple[str, ...]  # reply_to is honoured for these only
+
+
+@dataclass(frozen=True)
+class HandlerTimings:
+    """What the handler needs (``worker/handler.py``)."""
+
+    command_timeout_s: float  # the longest one delivery works on a command (collects too)
+    # With delay queues (RabbitMQ), back-off beyond ``retry_in_process_s`` goes through
+    # them instead of holding the delivery; without (embedded broker) ``retry_delays_s`` is
+    # empty and retries stay in process for the whole command timeout.
+    retry_in_process_s: float
+    retry_delays_s: tuple[float, ...]
+    defer_s: float  # a duplicate of work in progress elsewhere comes back after this
+    claim_lease_s: float  # renewed every third of it while a command is worked on
+    defer_poll_s: float  # without delay queues: how often a duplicate looks again
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    """The numbers of the vendor retry policy (``worker/vendors/retries.py``)."""
+
+    max_attempts: int
+    initial_wait_s: float
+    max_wait_s: float
 
 
 class _Account(BaseModel):
@@ -138,3 +186,42 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
 
     tenants: dict[str, Tenant] = {}
+
+    @property
+    def uses_rabbitmq(self) -> bool:
+        return self.broker_url.startswith(AMQP_SCHEMES)
+
+    @property
+    def consumer(self) -> ConsumerSettings:
+        return ConsumerSettings(
+            broker_url=self.broker_url,
+            concurrency=self.concurrency,
+            prefetch=self.prefetch or 2 * self.concurrency,
+            poll_interval_s=self.broker_poll_interval_s,
+            delivery_limit=self.delivery_limit,
+            shutdown_grace_s=self.shutdown_grace_s,
+            heartbeat_s=HEARTBEAT_S,
+            lane_poll_interval_s=self.lane_poll_interval_s,
+            max_message_bytes=self.max_message_bytes,
+            reply_to_prefixes=self.reply_to_prefixes,
+        )
+
+    @property
+    def handler_timings(self) -> HandlerTimings:
+        return HandlerTimings(
+            command_timeout_s=self.command_timeout_s,
+            retry_in_process_s=self.retry_in_process_s,
+            # Delay queues exist on RabbitMQ only; elsewhere retries stay in process.
+            retry_delays_s=self.retry_delays_s if self.uses_rabbitmq else (),
+            defer_s=self.defer_delay_s,
+            claim_lease_s=self.claim_lease_s,
+            defer_poll_s=DEFER_POLL_S,
+        )
+
+    @property
+    def retry(self) -> RetrySettings:
+        return RetrySettings(
+            max_attempts=self.retry_max_attempts,
+            initial_wait_s=self.retry_initial_wait_s,
+            max_wait_s=self.retry_max_wait_s,
+        )

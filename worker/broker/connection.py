@@ -9,9 +9,11 @@ from amqp import serialization
 from amqp.spec import Basic
 from kombu import Connection
 
+from worker.settings import AMQP_SCHEMES
+
 
 def is_amqp(url: str) -> bool:
-    return url.startswith(("amqp://", "amqps://", "pyamqp://"))
+    return url.startswith(AMQP_SCHEMES)
 
 
 def connect(

@@ -45,6 +45,7 @@ from worker.errors import StoreUnavailable
 from worker.ops.outage import Outage
 from worker.ops.telemetry import Telemetry, start_process_span
 from worker.results import CommandFields, Rejected, command_fields, now, result_event
+from worker.settings import ConsumerSettings
 from worker.settlement import Action, DeliveryInfo, Settlement
 
 log = logging.getLogger(__name__)
@@ -69,21 +70,6 @@ class Delivery:
     fields: CommandFields  # what addresses its event, as far as it is known
     received_at: float = field(default_factory=time.monotonic)
     attributes: dict[str, str] = field(default_factory=dict)  # type and tenant, for metrics
-
-
-@dataclass(frozen=True)
-class ConsumerSettings:
-    broker_url: str
-    concurrency: int  # handlers running at once
-    prefetch: int  # deliveries held at once: running, waiting for a slot or for confirms
-    poll_interval_s: float  # how often the embedded broker (no socket) is polled
-    delivery_limit: int = 10
-    shutdown_grace_s: float = 30.0
-    heartbeat_s: int = 30
-    lane_poll_interval_s: float = 2.0  # how often lane backlogs are asked for (metrics)
-    max_message_bytes: int = 256 * 1024
-    # reply_to is honoured for these queue name prefixes only: queues a publisher owns.
-    reply_to_prefixes: tuple[str, ...] = ("relay.replies.", "amq.gen-", "amq.rabbitmq.reply-to")
 
 
 class CommandConsumer:

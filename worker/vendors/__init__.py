@@ -47,13 +47,13 @@ class Vendors:
         settings: Settings,
         rate_limits: RateLimits,
         policy: RetryPolicy,
-        telemetry: Telemetry | None = None,
+        telemetry: Telemetry,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._settings = settings
         self._rate_limits = rate_limits
         self._policy = policy
-        self._telemetry = telemetry or Telemetry.using()
+        self._telemetry = telemetry
         self._transport = transport  # tests may swap the network for a fake
         self._clients: dict[tuple[str, str], EsetClient | FylrClient | SpaazaClient] = {}
         self._http_clients: list[VendorClient] = []

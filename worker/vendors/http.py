@@ -93,9 +93,9 @@ class VendorHttp:
     auth: Auth
     rate_slot: RateSlot
     policy: RetryPolicy
-    telemetry: Telemetry = field(default_factory=Telemetry.using)
-    collect_interval_s: float = 2.0
-    follows_202: bool = False
+    telemetry: Telemetry
+    collect_interval_s: float
+    follows_202: bool = False  # ESET: a 202 is collected with its response-id
 
     async def call(self, request: VendorRequest, budget: CallBudget) -> VendorReply:
         """The final 2xx answer; raises a :class:`~worker.errors.RelayError` otherwise."""

@@ -22,6 +22,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from worker.errors import TransientFailure, VendorThrottled
+from worker.settings import RetrySettings
 
 Sleep = Callable[[float], Awaitable[None]]
 Clock = Callable[[], float]
@@ -31,11 +32,18 @@ Clock = Callable[[], float]
 class RetryPolicy:
     """How often and how patiently one vendor request is tried."""
 
-    max_attempts: int = 5
-    initial_wait_s: float = 0.5
-    max_wait_s: float = 30.0
+    max_attempts: int
+    initial_wait_s: float
+    max_wait_s: float
     sleep: Sleep = field(default=asyncio.sleep, compare=False)
     clock: Clock = field(default=time.monotonic, compare=False)
+
+    @classmethod
+    def of(
+        cls, settings: RetrySettings, sleep: Sleep = asyncio.sleep, clock: Clock = time.monotonic
+    ) -> RetryPolicy:
+        return cls(settings.max_attempts, settings.initial_wait_s, settings.max_wait_s,
+                   sleep, clock)
 
     def wait_s(self, state: RetryCallState) -> float:
         """The pause before the next attempt: Retry-After when given, else full jitter."""
