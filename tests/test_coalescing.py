@@ -20,18 +20,15 @@ from schemas.commands import Command
 from schemas.events import ErrorCode
 from worker.demo import sandbox_tenant
 from worker.errors import PermanentFailure, TransientFailure
-from worker.ops.telemetry import Telemetry
 from worker.replies import VendorReply, VendorRequest
 from worker.sandbox import Faults, SandboxServer, ScriptedFault
 from worker.settings import Settings
-from worker.vendors import Vendors
 from worker.vendors.coalescing import BatchDeleteCoalescer
 from worker.vendors.http import CallBudget
-from worker.vendors.ratelimit import RateLimits
 from worker.vendors.retries import RetryPolicy
 
 from .harness import RunningRelay, embedded, running_relay
-from .test_vendor_calls import MAX_ATTEMPTS, batch_delete, settings_for
+from .test_vendor_calls import MAX_ATTEMPTS, batch_delete, settings_for, vendors_for
 
 ROUTE = "eset.batch_delete"
 WINDOW_MS = 100
@@ -66,7 +63,7 @@ def run_together(
     marks, stagger_s = marks or {}, stagger_s or {}
 
     async def main() -> list[Outcome]:
-        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy, Telemetry.using())
+        vendors = vendors_for(settings, policy)
         outcomes = [
             Outcome(c, CallBudget(policy.clock() + 20, before_first_mutation=marks.get(i)))
             for i, c in enumerate(commands)

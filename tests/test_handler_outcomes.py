@@ -22,13 +22,12 @@ from pydantic import SecretStr
 from schemas.commands import Command, parse_command
 from worker.handler import Handler
 from worker.idempotency import SqliteStore, fingerprint
-from worker.ops.telemetry import Telemetry
 from worker.results import now, result_event
 from worker.settings import EsetAccount, Settings, Tenant
 from worker.settlement import Action, Settlement
-from worker.vendors import Vendors
-from worker.vendors.ratelimit import RateLimits
 from worker.vendors.retries import RetryPolicy
+
+from .test_vendor_calls import vendors_for
 
 TOKEN = {"access_token": "token", "token_type": "Bearer", "expires_in": 3600,
          "refresh_token": "refresh"}
@@ -207,8 +206,7 @@ async def handle(cmd: Command, row: Row, vendor: Vendor, tmp_path: Path) -> Sett
         rate_limits={}, collect_interval_s=0,
     )
     store = SqliteStore(tmp_path / "claims.sqlite3", lease_s=30, retention_s=600)
-    vendors = Vendors(settings, RateLimits({}), policy, Telemetry.using(),
-                      transport=httpx.MockTransport(vendor))
+    vendors = vendors_for(settings, policy, httpx.MockTransport(vendor))
     timings = replace(
         settings.handler_timings, command_timeout_s=60, retry_in_process_s=20,
         retry_delays_s=(5.0,) if row.delay_queues else (), claim_lease_s=30,

@@ -16,14 +16,11 @@ from worker.errors import StoreUnavailable
 from worker.handler import Handler
 from worker.idempotency import ClaimResult, SqliteStore
 from worker.ops.outage import Outage
-from worker.ops.telemetry import Telemetry
 from worker.sandbox import SandboxServer
 from worker.settlement import Action, Settlement
-from worker.vendors import Vendors
-from worker.vendors.ratelimit import RateLimits
 from worker.vendors.retries import RetryPolicy
 
-from .test_vendor_calls import cancel_task, settings_for
+from .test_vendor_calls import cancel_task, settings_for, vendors_for
 
 
 class FlakyStore(SqliteStore):
@@ -57,7 +54,7 @@ def run(sandbox: SandboxServer, store: SqliteStore, *messages: Any) -> list[Sett
 
     async def main() -> list[Settlement]:
         outage = Outage({"idempotency": store.ping}, probe_interval_s=0.01)
-        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy, Telemetry.using())
+        vendors = vendors_for(settings, policy)
         timings = replace(settings.handler_timings, command_timeout_s=10)
         handler = Handler(store, vendors, policy, timings, "test-owner", outage)
         try:

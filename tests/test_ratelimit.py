@@ -9,9 +9,16 @@ import uuid
 
 import pytest
 
+from worker.ops.outage import Outage
+from worker.settings import Settings
 from worker.vendors.ratelimit import RateLimits, RateSlot, Unlimited
 
 ESET_LIMIT = {"eset": "10/second"}
+
+
+def rate_limits(limits: dict[str, str], url: str = "memory://") -> RateLimits:
+    """The limits as the worker's settings would make them, kept at ``url``."""
+    return RateLimits(Settings(rate_limits=limits, rate_limit_url=url).rate_limit, Outage({}))
 
 
 async def acquire_timed(slot: RateSlot | Unlimited, count: int) -> list[float]:
@@ -47,7 +54,7 @@ def test_calls_are_paced_below_the_limit() -> None:
     """Never more than ten in any second, and no burst at a window edge."""
 
     async def scenario() -> list[float]:
-        slot = RateLimits(ESET_LIMIT).slot("eset", f"account-{uuid.uuid4()}")
+        slot = rate_limits(ESET_LIMIT).slot("eset", f"account-{uuid.uuid4()}")
         return await acquire_timed(slot, 21)
 
     times = asyncio.run(scenario())
@@ -59,7 +66,7 @@ def test_calls_are_paced_below_the_limit() -> None:
 
 def test_accounts_have_separate_budgets() -> None:
     async def scenario() -> list[float]:
-        limits = RateLimits(ESET_LIMIT)
+        limits = rate_limits(ESET_LIMIT)
         await acquire_timed(limits.slot("eset", f"busy-{uuid.uuid4()}"), 10)
         return await acquire_timed(limits.slot("eset", f"idle-{uuid.uuid4()}"), 2)
 
@@ -68,7 +75,7 @@ def test_accounts_have_separate_budgets() -> None:
 
 def test_vendor_without_a_limit_never_waits() -> None:
     async def scenario() -> list[float]:
-        return await acquire_timed(RateLimits(ESET_LIMIT).slot("fylr", "any"), 50)
+        return await acquire_timed(rate_limits(ESET_LIMIT).slot("fylr", "any"), 50)
 
     assert asyncio.run(scenario())[-1] < 0.5
 
@@ -80,8 +87,8 @@ def test_two_workers_over_one_redis_share_one_pace(redis_url: str) -> None:
     limits = {vendor: "10/second"}
 
     async def scenario() -> list[float]:
-        first = RateLimits(limits, redis_url).slot(vendor, account)
-        second = RateLimits(limits, redis_url).slot(vendor, account)
+        first = rate_limits(limits, redis_url).slot(vendor, account)
+        second = rate_limits(limits, redis_url).slot(vendor, account)
         both = await asyncio.gather(acquire_timed(first, 10), acquire_timed(second, 10))
         return sorted(both[0] + both[1])
 
@@ -100,7 +107,7 @@ def test_calls_held_after_their_slot_do_not_bunch_up_at_the_vendor() -> None:
     late for their slots, and the budget is still used."""
 
     async def scenario() -> list[float]:
-        slot = RateLimits(ESET_LIMIT).slot("eset", f"account-{uuid.uuid4()}")
+        slot = rate_limits(ESET_LIMIT).slot("eset", f"account-{uuid.uuid4()}")
         assert isinstance(slot, RateSlot)
         return await sent_with_delays(slot, late_calls(40))
 
@@ -114,7 +121,7 @@ def test_the_window_gate_holds_across_replicas_over_redis(redis_url: str) -> Non
     limits = {vendor: "10/second"}
 
     async def scenario() -> list[float]:
-        slots = [RateLimits(limits, redis_url).slot(vendor, account) for _ in range(2)]
+        slots = [rate_limits(limits, redis_url).slot(vendor, account) for _ in range(2)]
         paced = [slot for slot in slots if isinstance(slot, RateSlot)]
         assert len(paced) == 2
         both = await asyncio.gather(*(sent_with_delays(slot, late_calls(20)) for slot in paced))
@@ -151,7 +158,7 @@ def test_a_send_held_up_after_its_gate_does_not_bunch_up_with_the_next(
     url = request.getfixturevalue("redis_url") if store == "redis" else "memory://"
 
     async def scenario() -> list[float]:
-        slot = RateLimits(ESET_LIMIT, url).slot("eset", f"account-{uuid.uuid4()}")
+        slot = rate_limits(ESET_LIMIT, url).slot("eset", f"account-{uuid.uuid4()}")
         assert isinstance(slot, RateSlot)
         return await arrivals_after_a_stall(slot, 25, stall_s=0.5)
 

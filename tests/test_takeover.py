@@ -13,15 +13,12 @@ import pytest
 
 from worker.handler import Handler
 from worker.idempotency import Claimed, SqliteStore, fingerprint
-from worker.ops.telemetry import Telemetry
 from worker.sandbox import Faults, SandboxServer, ScriptedFault
 from worker.settlement import Settlement
-from worker.vendors import Vendors
 from worker.vendors.http import CallBudget
-from worker.vendors.ratelimit import RateLimits
 from worker.vendors.retries import RetryPolicy
 
-from .test_vendor_calls import batch_delete, settings_for
+from .test_vendor_calls import batch_delete, settings_for, vendors_for
 
 LEASE_S = 0.2
 
@@ -39,7 +36,7 @@ def test_the_taker_collects_a_dead_holders_202(sandbox: SandboxServer, tmp_path:
 
     async def main() -> tuple[str, Settlement]:
         store = SqliteStore(tmp_path / "store.sqlite3", lease_s=LEASE_S, retention_s=600)
-        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy, Telemetry.using())
+        vendors = vendors_for(settings, policy)
         try:
             # The holder: claims, sends, gets the 202, keeps its response-id, dies.
             await store.claim(command.key, fingerprint(command), "dead-holder")
@@ -95,7 +92,7 @@ def test_a_holder_stopped_mid_collect_leaves_its_202_claimed(
 
     async def main() -> object:
         store = WatchedStore(tmp_path / "store.sqlite3")
-        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy, Telemetry.using())
+        vendors = vendors_for(settings, policy)
         timings = replace(settings.handler_timings, command_timeout_s=30)
         holder = Handler(store, vendors, policy, timings, "holder")
         try:
@@ -146,7 +143,7 @@ def test_a_delivery_that_lost_its_claim_does_not_send_beside_its_own_redelivery(
 
     async def main() -> list[Settlement]:
         store = FirstMarkStalls(tmp_path / "store.sqlite3")
-        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy, Telemetry.using())
+        vendors = vendors_for(settings, policy)
         timings = replace(settings.handler_timings, command_timeout_s=10)
         handler = Handler(store, vendors, policy, timings, "one-process")
         try:

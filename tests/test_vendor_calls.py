@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import SecretStr
 
@@ -30,6 +31,7 @@ from schemas.commands import (
 from schemas.events import ErrorCode
 from worker.demo import sandbox_settings, sandbox_tenant
 from worker.errors import CommandRejected, PermanentFailure, RelayError, TransientFailure
+from worker.ops.outage import Outage
 from worker.ops.telemetry import Telemetry
 from worker.replies import VendorReply
 from worker.sandbox import Faults, SandboxConfig, SandboxServer, ScriptedFault
@@ -61,6 +63,14 @@ def settings_for(sandbox: SandboxServer, **overrides: Any) -> Settings:
     )
 
 
+def vendors_for(
+    settings: Settings, policy: RetryPolicy, transport: httpx.AsyncBaseTransport | None = None
+) -> Vendors:
+    """The vendor clients as the worker makes them from ``settings`` (no store outages)."""
+    rate_limits = RateLimits(settings.rate_limit, Outage({}))
+    return Vendors(settings, rate_limits, policy, Telemetry.using(), transport)
+
+
 def execute(
     settings: Settings, *commands: Command, between: Callable[[], None] | None = None
 ) -> list[Outcome]:
@@ -73,7 +83,7 @@ def execute(
     )
 
     async def main() -> list[Outcome]:
-        vendors = Vendors(settings, RateLimits(settings.rate_limits), policy, Telemetry.using())
+        vendors = vendors_for(settings, policy)
         outcomes = []
         try:
             for index, command in enumerate(commands):

@@ -54,10 +54,7 @@ class RelayService:
         topology = Topology.from_settings(settings)
         # Filled in below: the probes of the stores whose outage holds the commands.
         self.outage = outage = Outage({})
-        rate_limits = RateLimits(
-            settings.rate_limits, settings.rate_limit_url, settings.rate_limit_margin,
-            outage, settings.command_timeout_s,
-        )
+        rate_limits = RateLimits(settings.rate_limit, outage)
         outage.probes.update({"idempotency": self.store.ping, "rate-limit": rate_limits.pacer.ping})
         self.vendors = Vendors(settings, rate_limits, policy, self.telemetry)
         self.handler = Handler(

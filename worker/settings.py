@@ -10,6 +10,7 @@ the rules that derive one setting from others live here too.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,6 +54,16 @@ class HandlerTimings:
     defer_s: float  # a duplicate of work in progress elsewhere comes back after this
     claim_lease_s: float  # renewed every third of it while a command is worked on
     defer_poll_s: float  # without delay queues: how often a duplicate looks again
+
+
+@dataclass(frozen=True)
+class RateLimitSettings:
+    """The vendors' limits and where their pace is kept (``worker/vendors/ratelimit.py``)."""
+
+    limits: Mapping[str, str]  # by vendor, in the limits notation ("10/second")
+    storage_url: str  # memory:// or redis://…
+    margin: float  # calls paced this much slower than the limit
+    outage_hold_s: float  # how long a call waits for an unreachable pace store
 
 
 @dataclass(frozen=True)
@@ -216,6 +227,16 @@ class Settings(BaseSettings):
             defer_s=self.defer_delay_s,
             claim_lease_s=self.claim_lease_s,
             defer_poll_s=DEFER_POLL_S,
+        )
+
+    @property
+    def rate_limit(self) -> RateLimitSettings:
+        return RateLimitSettings(
+            limits=self.rate_limits,
+            storage_url=self.rate_limit_url,
+            margin=self.rate_limit_margin,
+            # A call waits for the pace store as long as a delivery may work.
+            outage_hold_s=self.command_timeout_s,
         )
 
     @property

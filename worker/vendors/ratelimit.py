@@ -36,6 +36,7 @@ from limits import parse
 
 from worker.errors import StoreUnavailable
 from worker.ops.outage import Outage
+from worker.settings import RateLimitSettings
 
 KEY_PREFIX = "relay:pace:"
 LOG_KEY_PREFIX = "relay:sent:"
@@ -175,19 +176,15 @@ class RedisPacer:
 class RateLimits:
     """All vendor limits of one worker."""
 
-    def __init__(
-        self, limits_by_vendor: dict[str, str], storage_url: str = "memory://",
-        margin: float = 0.03, outage: Outage | None = None, outage_hold_s: float = 600.0,
-    ) -> None:
+    def __init__(self, settings: RateLimitSettings, outage: Outage) -> None:
         self._limits: dict[str, tuple[float, int]] = {}
-        for vendor, text in limits_by_vendor.items():
+        for vendor, text in settings.limits.items():
             window_s, amount = _window_s_and_amount(text)
-            self._limits[vendor] = (window_s * (1 + margin), amount)
-        self.pacer: Pacer = MemoryPacer() if storage_url == "memory://" else RedisPacer(
-            storage_url
-        )
-        self._outage = outage or Outage({})
-        self._outage_hold_s = outage_hold_s
+            self._limits[vendor] = (window_s * (1 + settings.margin), amount)
+        url = settings.storage_url
+        self.pacer: Pacer = MemoryPacer() if url == "memory://" else RedisPacer(url)
+        self._outage = outage
+        self._outage_hold_s = settings.outage_hold_s
 
     def slot(self, vendor: str, account: str) -> RateSlot | Unlimited:
         """The slot one vendor account's calls wait for."""
