@@ -15,9 +15,9 @@ from schemas.events import ResultEvent
 from worker.broker.connection import connect
 from worker.broker.topology import Topology
 from worker.client import CommandClient, Reply
-from worker.demo import sandbox_settings
 from worker.ops.telemetry import Telemetry
 from worker.sandbox import SandboxServer
+from worker.sandbox.worker_setup import sandbox_settings
 from worker.service import RelayService
 from worker.settings import Settings
 

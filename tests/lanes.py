@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from worker.demo import sandbox_tenant
 from worker.sandbox import SandboxConfig, SandboxServer
+from worker.sandbox.worker_setup import sandbox_tenant
 from worker.settings import EsetAccount, Tenant
 
 from .harness import RunningRelay

@@ -18,10 +18,10 @@ import pytest
 
 from schemas.commands import Command
 from schemas.events import ErrorCode
-from worker.demo import sandbox_tenant
 from worker.errors import PermanentFailure, TransientFailure
 from worker.replies import VendorReply, VendorRequest
 from worker.sandbox import Faults, SandboxServer, ScriptedFault
+from worker.sandbox.worker_setup import sandbox_tenant
 from worker.settings import Settings
 from worker.vendors.coalescing import BatchDeleteCoalescer
 from worker.vendors.http import CallBudget

@@ -17,9 +17,9 @@ from schemas.commands import parse_command
 from worker.broker.decoding import decode_message
 from worker.broker.lanes import LANED_AT_HEADER, LaneMonitor, vendor_of
 from worker.broker.topology import Topology
-from worker.demo import demo_commands, sandbox_settings
 from worker.ops.telemetry import Telemetry
 from worker.sandbox import SandboxServer
+from worker.sandbox.worker_setup import demo_commands, sandbox_settings
 
 from .harness import embedded, running_relay
 from .lanes import FLOOD, flood_and_quiet, quiet_answered_during_the_flood

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from worker.demo import demo_commands
 from worker.sandbox import Faults, SandboxServer, ScriptedFault
+from worker.sandbox.worker_setup import demo_commands
 
 from .harness import RunningRelay, embedded, running_relay
 
@@ -164,7 +164,7 @@ def test_the_message_id_becomes_the_command_id(relay: RunningRelay):
 def test_quarantine_in_japan_is_rejected_without_a_call(
     sandbox: SandboxServer, data_dir: Path
 ):
-    from worker.demo import sandbox_tenant
+    from worker.sandbox.worker_setup import sandbox_tenant
 
     tenant = sandbox_tenant(sandbox.base_url, sandbox.state.config)
     assert tenant.eset is not None

@@ -29,12 +29,12 @@ from schemas.commands import (
     parse_command,
 )
 from schemas.events import ErrorCode
-from worker.demo import sandbox_settings, sandbox_tenant
 from worker.errors import CommandRejected, PermanentFailure, RelayError, TransientFailure
 from worker.ops.outage import Outage
 from worker.ops.telemetry import Telemetry
 from worker.replies import VendorReply
 from worker.sandbox import Faults, SandboxConfig, SandboxServer, ScriptedFault
+from worker.sandbox.worker_setup import sandbox_settings, sandbox_tenant
 from worker.settings import EsetAccount, Settings, SpaazaAccount, Tenant
 from worker.vendors import Vendors
 from worker.vendors.http import CallBudget

@@ -9,74 +9,17 @@ from __future__ import annotations
 
 import tempfile
 import threading
-import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
-
-from pydantic import SecretStr
 
 from schemas.events import ResultEvent
 from worker.broker.topology import Topology
 from worker.client import CommandClient
 from worker.ops.telemetry import from_environment
 from worker.sandbox import Faults, SandboxConfig, SandboxServer, ScriptedFault
+from worker.sandbox.worker_setup import demo_commands, sandbox_settings
 from worker.service import RelayService
-from worker.settings import EsetAccount, FylrAccount, Settings, SpaazaAccount, Tenant
-
-
-def sandbox_tenant(base_url: str, config: SandboxConfig) -> Tenant:
-    """Accounts for the sandbox's built-in credentials."""
-    return Tenant(
-        eset=EsetAccount(
-            region="eu", username=config.eset_username, password=SecretStr(config.eset_password)
-        ),
-        fylr=FylrAccount(
-            base_url=f"{base_url}/fylr",
-            client_id=config.fylr_client_id,
-            client_secret=SecretStr(config.fylr_client_secret),
-            username=config.fylr_username,
-            password=SecretStr(config.fylr_password),
-        ),
-        spaaza=SpaazaAccount(
-            base_url=f"{base_url}/spaaza",
-            token_id=config.spaaza_token_id,
-            token_secret=SecretStr(config.spaaza_token_secret),
-        ),
-    )
-
-
-def sandbox_settings(base_url: str, config: SandboxConfig, **overrides: Any) -> Settings:
-    """Settings that point every tenant account at the sandbox."""
-    values: dict[str, Any] = {
-        "eset_host_template": f"{base_url}/eset/{{region}}/{{service}}",
-        "tenants": {"default": sandbox_tenant(base_url, config)},
-        "collect_interval_s": 0.2,
-        "retry_initial_wait_s": 0.2,
-        **overrides,
-    }
-    return Settings(**values)
-
-
-def demo_commands() -> list[dict[str, Any]]:
-    expire = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
-    run = uuid.uuid4().hex[:8]
-
-    def command(kind: str, params: dict[str, Any]) -> dict[str, Any]:
-        return {"type": kind, "id": str(uuid.uuid4()), "idempotency_key": f"demo-{run}-{kind}-"
-                f"{params.get('provider', '')}", "params": params}
-
-    return [
-        command("update-triggers", {"task_uuid": str(uuid.uuid4()),
-                                    "triggers": [{"manual": {"expire_time": expire}}]}),
-        command("update-triggers", {"provider": "spaaza", "task_id": 12345,
-                                    "trigger": {"once": expire, "repeat": "daily"}}),
-        command("batch-delete", {"object_uuids": [str(uuid.uuid4()), str(uuid.uuid4())]}),
-        command("cancel-task", {"task_id": 4711}),
-        command("fetch-patching", {}),
-    ]
-
+from worker.settings import Settings
 
 DEMO_FAULTS = Faults(
     script=[

@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 import redis
 
-from worker.demo import sandbox_tenant
 from worker.sandbox import SandboxConfig
+from worker.sandbox.worker_setup import sandbox_tenant
 
 REPO = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"

@@ -15,8 +15,8 @@ import pytest
 
 from worker.broker.topology import Topology
 from worker.client import CommandClient
-from worker.demo import demo_commands
 from worker.sandbox import Faults, SandboxServer, ScriptedFault
+from worker.sandbox.worker_setup import demo_commands
 from worker.settings import Settings
 
 from ..harness import RunningRelay, running_relay
