@@ -28,7 +28,7 @@ from kombu import Connection, Producer
 from .broker import EventCollector, Names, Publishable, RawMessage
 from .figures import Figures, Workload, closing_figures
 from .poison import DeadLetter
-from .processes import Fleet, SandboxProcess, tenants_json
+from .processes import Fleet, SandboxProcess, diagnostics, tenants_json
 
 POLL_S = 0.1
 SETTLE_S = 1.0
@@ -167,14 +167,8 @@ class EmbeddedRig:
         return letters
 
     def diagnostics(self) -> str:
-        parts = []
-        if self.fleet is not None:
-            parts.append(self.fleet.log_tails())
-            parts.extend(f"crashed: {record}" for record in self.fleet.crashes)
-        if self.sandbox is not None:
-            parts.append(f"--- sandbox\n{self.sandbox.proc.log_tail(10)}")
-        parts.append(f"logs in {self.log_dir}")
-        return "\n".join(parts)
+        """Log tails of the replicas and the sandbox, for a failure message."""
+        return diagnostics(self.fleet, self.sandbox, self.log_dir)
 
     def close(self) -> None:
         if self.collector is not None:

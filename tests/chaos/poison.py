@@ -147,6 +147,13 @@ class _Context:
         )
 
 
+    def valid_with(self, **options: Any) -> Poison:
+        """A valid command under hostile properties or headers (``options``): it runs, or
+        is rejected for what they say."""
+        command = self.command()
+        return self.poison(_dumps(command), RUN_OR_REJECTED, command, **options)
+
+
 def _dumps(value: Any, *, ascii_only: bool = True) -> bytes:
     # ensure_ascii escapes a lone surrogate as \ud800, which is valid JSON text.
     return json.dumps(value, ensure_ascii=ascii_only).encode("utf-8")
@@ -175,8 +182,7 @@ def _surrogate(field_name: str) -> Callable[[_Context], Poison]:
 
 def _junk_header(header: str, value: str) -> Callable[[_Context], Poison]:
     def make(c: _Context) -> Poison:
-        command = c.command()
-        return c.poison(_dumps(command), RUN_OR_REJECTED, command, headers={header: value})
+        return c.valid_with(headers={header: value})
 
     return make
 
@@ -215,11 +221,7 @@ def _not_utf8(c: _Context) -> Poison:
 
 
 def _reply_to_command_queue(c: _Context) -> Poison:
-    command = c.command()
-    return c.poison(
-        _dumps(command),
-        RUN_OR_REJECTED,
-        command,
+    return c.valid_with(
         by_command_id=True,
         amqp_only=True,  # on the embedded broker its event goes where the test can not see
         reply_to=c.command_queue,
@@ -228,22 +230,14 @@ def _reply_to_command_queue(c: _Context) -> Poison:
 
 
 def _message_id_not_utf8(c: _Context) -> Poison:
-    command = c.command()
-    return c.poison(
-        _dumps(command),
-        RUN_OR_REJECTED,
-        command,
+    return c.valid_with(
         amqp_only=True,  # the embedded broker keeps properties as JSON text
         message_id=b"\xff\xfe" + c.tag.encode(),
     )
 
 
 def _correlation_id_not_utf8(c: _Context) -> Poison:
-    command = c.command()
-    return c.poison(
-        _dumps(command),
-        RUN_OR_REJECTED,
-        command,
+    return c.valid_with(
         by_command_id=True,
         amqp_only=True,
         correlation_id=b"\xc3\x28" + c.tag.encode(),

@@ -321,3 +321,16 @@ class RedisServer:
 
     def close(self) -> None:
         self.kill()
+
+
+def diagnostics(fleet: Fleet | None, sandbox: SandboxProcess | None, log_dir: Path) -> str:
+    """Log tails of the replicas and the sandbox, and where the whole logs are, for a
+    failure message."""
+    parts = []
+    if fleet is not None:
+        parts.append(fleet.log_tails())
+        parts.extend(f"crashed: {record}" for record in fleet.crashes)
+    if sandbox is not None:
+        parts.append(f"--- sandbox\n{sandbox.proc.log_tail(10)}")
+    parts.append(f"logs in {log_dir}")
+    return "\n".join(parts)

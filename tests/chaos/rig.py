@@ -38,7 +38,7 @@ from .broker import (
     publish_paced,
 )
 from .figures import Figures, Workload, closing_figures
-from .processes import Fleet, SandboxProcess, tenants_json
+from .processes import Fleet, SandboxProcess, diagnostics, tenants_json
 
 REDIS_DB = 14  # the chaos suite's own database, emptied at the start of each scenario
 READY_TIMEOUT_S = 30.0
@@ -296,14 +296,7 @@ class ChaosRig:
 
     def diagnostics(self) -> str:
         """Log tails of the replicas and the sandbox, for a failure message."""
-        parts = []
-        if self.fleet is not None:
-            parts.append(self.fleet.log_tails())
-            parts.extend(f"crashed: {record}" for record in self.fleet.crashes)
-        if self.sandbox is not None:
-            parts.append(f"--- sandbox\n{self.sandbox.proc.log_tail(10)}")
-        parts.append(f"logs in {self.log_dir}")
-        return "\n".join(parts)
+        return diagnostics(self.fleet, self.sandbox, self.log_dir)
 
     # --- tearing down ---
 
