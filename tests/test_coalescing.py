@@ -18,14 +18,14 @@ import pytest
 
 from schemas.commands import Command
 from schemas.events import ErrorCode
-from worker.errors import PermanentFailure, TransientFailure
+from worker.errors import PermanentFailure, TransientFailure, Withheld
 from worker.replies import VendorReply, VendorRequest
 from worker.sandbox import Faults, SandboxServer, ScriptedFault
 from worker.sandbox.worker_setup import sandbox_tenant
 from worker.settings import Settings
 from worker.vendors.coalescing import BatchDeleteCoalescer
-from worker.vendors.http import CallBudget
 from worker.vendors.retries import RetryPolicy
+from worker.vendors.sender import GO_AHEAD, CallBudget, Marks
 
 from .harness import RunningRelay, embedded, running_relay
 from .test_vendor_calls import MAX_ATTEMPTS, batch_delete, settings_for, vendors_for
@@ -44,7 +44,17 @@ class Outcome:
     error: BaseException | None = None
 
 
-Mark = Callable[[], Awaitable[None]]
+@dataclass
+class Marking:
+    """A command's marks in these tests: ``sending`` asks ``on_send``; False withholds."""
+
+    on_send: Callable[[], Awaitable[bool]]
+
+    async def sending(self) -> bool:
+        return await self.on_send()
+
+    async def accepted(self, response_id: str) -> bool:
+        return True
 
 
 def coalescing(sandbox: SandboxServer, **overrides: Any) -> Settings:
@@ -54,25 +64,25 @@ def coalescing(sandbox: SandboxServer, **overrides: Any) -> Settings:
 def run_together(
     settings: Settings,
     commands: list[Command],
-    marks: dict[int, Mark] | None = None,
+    marks: dict[int, Marks] | None = None,
     stagger_s: dict[int, float] | None = None,
 ) -> list[Outcome]:
     """Run the commands concurrently on one set of clients; ``marks`` gives a command (by
-    index) a before_first_mutation hook, ``stagger_s`` makes it start that much later."""
+    index) its marks, ``stagger_s`` makes it start that much later."""
     policy = RetryPolicy(max_attempts=MAX_ATTEMPTS, initial_wait_s=0.01, max_wait_s=0.05)
     marks, stagger_s = marks or {}, stagger_s or {}
 
     async def main() -> list[Outcome]:
         vendors = vendors_for(settings, policy)
         outcomes = [
-            Outcome(c, CallBudget(policy.clock() + 20, before_first_mutation=marks.get(i)))
-            for i, c in enumerate(commands)
+            Outcome(c, CallBudget(policy.clock() + 20)) for c in commands
         ]
 
         async def run(index: int, outcome: Outcome) -> None:
             await asyncio.sleep(stagger_s.get(index, 0.0))
             try:
-                outcome.reply = await vendors.execute(outcome.command, outcome.budget)
+                call = vendors.call_for(outcome.command)
+                outcome.reply = await vendors.run(call, outcome.budget, marks.get(index, GO_AHEAD))
             except Exception as error:
                 outcome.error = error
 
@@ -239,34 +249,44 @@ def test_a_202_to_the_merged_call_is_collected_once_for_every_command(
 # --- the mark before sending (the handler's idempotency claim) ---
 
 
-class ClaimLost(Exception):
+class StoreAway(Exception):
     pass
 
 
 def test_every_mark_runs_before_the_merged_call_goes_out(sandbox: SandboxServer) -> None:
     calls_at_mark: list[int] = []
 
-    async def mark() -> None:
+    async def mark() -> bool:
         calls_at_mark.append(calls(sandbox))
+        return True
 
     outcomes = run_together(coalescing(sandbox), single_object_deletes(3),
-                            marks={i: mark for i in range(3)})
+                            marks={i: Marking(mark) for i in range(3)})
     for outcome in outcomes:
         ok(outcome)
     assert calls_at_mark == [0, 0, 0]
     assert calls(sandbox) == 1
 
 
-def test_a_command_whose_mark_fails_is_left_out_of_the_call(sandbox: SandboxServer) -> None:
-    async def lost() -> None:
-        raise ClaimLost("another worker holds the key")
+async def lost() -> bool:
+    return False  # another worker holds the key
 
-    async def marked() -> None:
-        return None
 
+async def store_away() -> bool:
+    raise StoreAway("the store does not answer")
+
+
+async def marked() -> bool:
+    return True
+
+
+@pytest.mark.parametrize(("mark", "error"), [(lost, Withheld), (store_away, StoreAway)])
+def test_a_command_whose_mark_says_no_or_fails_is_left_out_of_the_call(
+    sandbox: SandboxServer, mark: Callable[[], Awaitable[bool]], error: type[Exception]
+) -> None:
     outcomes = run_together(coalescing(sandbox), single_object_deletes(3),
-                            marks={0: marked, 1: lost, 2: marked})
-    assert isinstance(outcomes[1].error, ClaimLost)
+                            marks={0: Marking(marked), 1: Marking(mark), 2: Marking(marked)})
+    assert isinstance(outcomes[1].error, error)
     assert outcomes[1].budget.attempts == 0
     ok(outcomes[0])
     ok(outcomes[2])
@@ -274,13 +294,10 @@ def test_a_command_whose_mark_fails_is_left_out_of_the_call(sandbox: SandboxServ
     assert effects(sandbox) == objects_of(outcomes[0], outcomes[2])
 
 
-def test_no_call_is_made_when_every_mark_fails(sandbox: SandboxServer) -> None:
-    async def lost() -> None:
-        raise ClaimLost("another worker holds the key")
-
+def test_no_call_is_made_when_every_mark_says_no(sandbox: SandboxServer) -> None:
     outcomes = run_together(coalescing(sandbox), single_object_deletes(2),
-                            marks={0: lost, 1: lost})
-    assert all(isinstance(o.error, ClaimLost) for o in outcomes)
+                            marks={0: Marking(lost), 1: Marking(lost)})
+    assert all(isinstance(o.error, Withheld) for o in outcomes)
     assert calls(sandbox) == 0
 
 
@@ -288,39 +305,44 @@ def test_no_call_is_made_when_every_mark_fails(sandbox: SandboxServer) -> None:
 
 
 class HeldSend:
-    """Records each call's budget and keeps it waiting until released, then runs its mark
-    and answers 200 for the body it would have sent."""
+    """Stands for an account's sender: records each call's budget and keeps it waiting
+    until released, then asks its marks and answers 200 for the body it would send."""
 
     def __init__(self) -> None:
         self.budgets: list[CallBudget] = []
         self.bodies: list[list[str]] = []
         self.release = asyncio.Event()
 
-    async def __call__(self, request: VendorRequest, budget: CallBudget) -> VendorReply:
+    async def send(
+        self, request: VendorRequest, budget: CallBudget, marks: Marks = GO_AHEAD
+    ) -> VendorReply:
         self.budgets.append(budget)
         await self.release.wait()
-        if budget.before_first_mutation is not None:
-            mark, budget.before_first_mutation = budget.before_first_mutation, None
-            await mark()
+        assert await marks.sending()
         self.bodies.append(list(request.json["objectUuids"]))
         return VendorReply(vendor="eset", status=200, body={})
 
+    async def collect(
+        self, request: VendorRequest, response_id: str, budget: CallBudget
+    ) -> VendorReply:
+        raise AssertionError("a 200 is never collected")
 
-def request_for(object_uuids: list[str]) -> VendorRequest:
+
+def delete(object_uuids: list[str]) -> VendorRequest:
     return VendorRequest("eset", "POST", "http://eset.invalid/", "/", {"objectUuids": object_uuids})
 
 
 def test_the_merged_call_has_the_earliest_deadlines_and_late_joiners_need_later_ones() -> None:
     async def main() -> HeldSend:
         send = HeldSend()
-        coalescer = BatchDeleteCoalescer(send, request_for, window_s=0.01, max_objects=100)
-        first = coalescer.delete(["a"], CallBudget(deadline=50.0, retry_deadline=30.0))
-        second = coalescer.delete(["b"], CallBudget(deadline=40.0))
+        coalescer = BatchDeleteCoalescer(send, window_s=0.01, max_objects=100)
+        first = coalescer.send(delete(["a"]), CallBudget(deadline=50.0, retry_deadline=30.0))
+        second = coalescer.send(delete(["b"]), CallBudget(deadline=40.0))
         tasks = [asyncio.create_task(first), asyncio.create_task(second)]
         while not send.budgets:  # the window ended: the call waits for its "slot"
             await asyncio.sleep(0.005)
-        later = asyncio.create_task(coalescer.delete(["c"], CallBudget(deadline=60.0)))
-        earlier = asyncio.create_task(coalescer.delete(["d"], CallBudget(deadline=39.0)))
+        later = asyncio.create_task(coalescer.send(delete(["c"]), CallBudget(deadline=60.0)))
+        earlier = asyncio.create_task(coalescer.send(delete(["d"]), CallBudget(deadline=39.0)))
         await asyncio.sleep(0.05)
         send.release.set()
         await asyncio.gather(*tasks, later, earlier)

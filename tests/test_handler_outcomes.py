@@ -9,6 +9,7 @@ No broker and no server: a SQLite store in memory, the vendor as an ``httpx.Mock
 from __future__ import annotations
 
 import asyncio
+import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -22,6 +23,7 @@ from pydantic import SecretStr
 from schemas.commands import Command, parse_command
 from worker.handler import Handler
 from worker.idempotency import SqliteStore, fingerprint
+from worker.ops.outage import Outage
 from worker.results import now, result_event
 from worker.settings import EsetAccount, Settings, Tenant
 from worker.settlement import Action, Settlement
@@ -196,6 +198,32 @@ def test_a_dead_holders_202_is_collected_with_its_response_id(tmp_path: Path) ->
     assert collect.headers["response-id"] == "cached-0"
 
 
+@dataclass
+class StackTakingVendor(Vendor):
+    """Notes the worker's functions on the stack when an API call reaches the transport."""
+
+    stacks: list[list[str]] = field(default_factory=list)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if not request.url.path.endswith("/oauth/token"):
+            frames = traceback.extract_stack()
+            self.stacks.append([f.name for f in frames if "/worker/" in f.filename])
+        return super().__call__(request)
+
+
+@pytest.mark.parametrize("kind", ["batch-delete", "fetch-patching"])
+def test_from_the_handler_to_the_transport_each_call_has_one_concern(
+    kind: str, tmp_path: Path
+) -> None:
+    """The path a command takes to the vendor, as the stack shows it: claim and settle,
+    the command's call, retries and 202s, one HTTP exchange, the transport. Five calls
+    from the handler (six from the delivery's task), none of them back up."""
+    vendor = StackTakingVendor([200])
+    asyncio.run(handle(command(kind), TABLE["fresh key, 200"], vendor, tmp_path))
+    (stack,) = vendor.stacks
+    assert stack == ["handle", "_run_claimed", "run", "send", "_exchange", "request"]
+
+
 async def handle(cmd: Command, row: Row, vendor: Vendor, tmp_path: Path) -> Settlement:
     clock = Clock()
     policy = RetryPolicy(max_attempts=5, initial_wait_s=0.5, max_wait_s=30,
@@ -213,7 +241,8 @@ async def handle(cmd: Command, row: Row, vendor: Vendor, tmp_path: Path) -> Sett
     )
     try:
         await row.before(store, cmd)
-        return await Handler(store, vendors, policy, timings, "this-replica").handle(cmd)
+        handler = Handler(store, vendors, policy, timings, "this-replica", Outage({}))
+        return await handler.handle(cmd)
     finally:
         await vendors.aclose()
         await store.close()

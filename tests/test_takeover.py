@@ -13,10 +13,11 @@ import pytest
 
 from worker.handler import Handler
 from worker.idempotency import Claimed, SqliteStore, fingerprint
+from worker.ops.outage import Outage
 from worker.sandbox import Faults, SandboxServer, ScriptedFault
 from worker.settlement import Settlement
-from worker.vendors.http import CallBudget
 from worker.vendors.retries import RetryPolicy
+from worker.vendors.sender import CallBudget
 
 from .test_vendor_calls import batch_delete, settings_for, vendors_for
 
@@ -42,17 +43,21 @@ def test_the_taker_collects_a_dead_holders_202(sandbox: SandboxServer, tmp_path:
             await store.claim(command.key, fingerprint(command), "dead-holder")
             kept: list[str] = []
 
-            async def keep_and_die(response_id: str) -> None:
-                await store.mark_accepted(command.key, "dead-holder", response_id)
-                kept.append(response_id)
-                raise Died
+            class KeepAndDie:
+                async def sending(self) -> bool:
+                    return True
 
-            budget = CallBudget(policy.clock() + 10, on_accepted=keep_and_die)
+                async def accepted(self, response_id: str) -> bool:
+                    await store.mark_accepted(command.key, "dead-holder", response_id)
+                    kept.append(response_id)
+                    raise Died
+
+            budget = CallBudget(policy.clock() + 10)
             with pytest.raises(Died):
-                await vendors.execute(command, budget)
+                await vendors.run(vendors.call_for(command), budget, KeepAndDie())
             await asyncio.sleep(LEASE_S * 1.5)  # its lease runs out
             timings = replace(settings.handler_timings, command_timeout_s=10)
-            taker = Handler(store, vendors, policy, timings, "taker")
+            taker = Handler(store, vendors, policy, timings, "taker", Outage({}))
             return kept[0], await taker.handle(command)
         finally:
             await vendors.aclose()
@@ -94,7 +99,7 @@ def test_a_holder_stopped_mid_collect_leaves_its_202_claimed(
         store = WatchedStore(tmp_path / "store.sqlite3")
         vendors = vendors_for(settings, policy)
         timings = replace(settings.handler_timings, command_timeout_s=30)
-        holder = Handler(store, vendors, policy, timings, "holder")
+        holder = Handler(store, vendors, policy, timings, "holder", Outage({}))
         try:
             handling = asyncio.ensure_future(holder.handle(command))
             await asyncio.wait_for(store.accepted.wait(), 10)
@@ -145,7 +150,7 @@ def test_a_delivery_that_lost_its_claim_does_not_send_beside_its_own_redelivery(
         store = FirstMarkStalls(tmp_path / "store.sqlite3")
         vendors = vendors_for(settings, policy)
         timings = replace(settings.handler_timings, command_timeout_s=10)
-        handler = Handler(store, vendors, policy, timings, "one-process")
+        handler = Handler(store, vendors, policy, timings, "one-process", Outage({}))
         try:
             first = asyncio.create_task(handler.handle(command))
             await store.stalled.wait()

@@ -7,7 +7,7 @@ import gzip
 
 import httpx
 
-from worker.vendors.http import as_reply
+from worker.vendors.sender import as_reply
 from worker.vendors.transport import TOO_LARGE_HEADER, VendorClient
 
 

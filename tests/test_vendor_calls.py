@@ -37,9 +37,9 @@ from worker.sandbox import Faults, SandboxConfig, SandboxServer, ScriptedFault
 from worker.sandbox.worker_setup import sandbox_settings, sandbox_tenant
 from worker.settings import EsetAccount, Settings, SpaazaAccount, Tenant
 from worker.vendors import Vendors
-from worker.vendors.http import CallBudget
 from worker.vendors.ratelimit import RateLimits
 from worker.vendors.retries import RetryPolicy
+from worker.vendors.sender import CallBudget
 
 MAX_ATTEMPTS = 3
 
@@ -91,7 +91,7 @@ def execute(
                     between()
                 outcome = Outcome(CallBudget(deadline=policy.clock() + 20))
                 try:
-                    outcome.reply = await vendors.execute(command, outcome.budget)
+                    outcome.reply = await vendors.run(vendors.call_for(command), outcome.budget)
                 except RelayError as error:
                     outcome.error = error
                 outcomes.append(outcome)

@@ -83,3 +83,8 @@ class StoreUnavailable(RelayError):
             ErrorCode.INTERNAL_ERROR, f"the {store} store is unreachable: {type(error).__name__}"
         )
         self.store = store
+
+
+class Withheld(Exception):
+    """Raised by a vendor sender when its caller withheld a mutation's go-ahead (the
+    handler does when its claim on the key was lost): the request was not sent."""

@@ -13,13 +13,14 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import TypeVar
 
 from schemas.commands import Command
 from schemas.events import ErrorCode, ErrorInfo, ResultEvent
-from worker.errors import CommandRejected, RelayError, StoreUnavailable
+from worker.errors import CommandRejected, RelayError, StoreUnavailable, Withheld
 from worker.idempotency import (
     Claimed,
     Completed,
@@ -33,14 +34,12 @@ from worker.replies import VendorReply
 from worker.results import Rejected, command_fields, now, outcome_of, rejection, result_event
 from worker.settings import HandlerTimings
 from worker.settlement import Action, DeliveryInfo, Settlement
-from worker.vendors import Vendors
-from worker.vendors.http import CallBudget
+from worker.vendors import VendorCall, Vendors
 from worker.vendors.retries import RetryPolicy
+from worker.vendors.sender import CallBudget
 
 log = logging.getLogger(__name__)
 
-# Commands that change nothing at the vendor: safe to run again whatever happened before.
-READ_ONLY_TYPES = frozenset({"fetch-patching"})
 # Rejections are stored apart from the keys of work: a fixed command sent again under its
 # key is judged afresh, while a redelivery of the rejected message replays its event.
 REJECTION_KEY_PREFIX = "rejected:"
@@ -60,14 +59,14 @@ class Handler:
         policy: RetryPolicy,
         timings: HandlerTimings,
         owner: str,
-        outage: Outage | None = None,
+        outage: Outage,
     ) -> None:
         self._store = store
         self._vendors = vendors
         self._policy = policy
         self._timings = timings
         self._owner = owner  # this process; each claim it makes is held in a name of its own
-        self._outage = outage or Outage({})
+        self._outage = outage  # the stores' outage: calls to them are held through it
 
     async def handle(
         self, decoded: Command | Rejected, delivery: DeliveryInfo | None = None
@@ -78,7 +77,8 @@ class Handler:
             return await self._store_rejection(decoded.digest, event)
         command, delivery = decoded, delivery or DeliveryInfo()
         try:
-            self._check_acceptable(command)
+            self._check_deadline(command)
+            call = self._vendors.call_for(command)  # tenant, account and region, checked once
         except CommandRejected as error:
             return await self._store_rejection(
                 _digest(command), self._rejected(command, error)
@@ -94,17 +94,15 @@ class Handler:
                     return Settlement.for_event(replay_for(command.command_id, stored))
                 case Conflict():
                     return await self._store_rejection(_digest(command), self._conflict(command))
-                case Claimed(after_send=True, response_id=None) if (
-                    command.type not in READ_ONLY_TYPES
-                ):
+                case Claimed(after_send=True, response_id=None) if call.request.is_mutation:
                     return await self._after_dead_holder(command, holder)
                 case Claimed(response_id=response_id):
                     # With a response_id the dead holder's 202 is collected, not resent.
                     try:
                         return await self._run_claimed(
-                            command, holder, deadline, delivery, response_id
+                            command, call, holder, deadline, delivery, response_id
                         )
-                    except _ClaimLost:
+                    except Withheld:
                         continue  # another worker has the key now: see what it says
                 case InProgress(lease_left_s=lease_left_s):
                     # Another delivery of this key is being worked on: come back for its
@@ -150,8 +148,7 @@ class Handler:
     async def _complete(self, key: str, holder: str, event: ResultEvent) -> None:
         await self._held_through_outage(lambda: self._store.complete(key, holder, event))
 
-    def _check_acceptable(self, command: Command) -> None:
-        self._vendors.tenant(command.tenant)
+    def _check_deadline(self, command: Command) -> None:
         if command.deadline is not None and command.deadline <= now():
             raise CommandRejected(
                 ErrorCode.DEADLINE_PASSED,
@@ -169,43 +166,46 @@ class Handler:
     async def _run_claimed(
         self,
         command: Command,
+        call: VendorCall,
         holder: str,
         deadline: float,
         delivery: DeliveryInfo,
         accepted_as: str | None = None,
     ) -> Settlement:
+        """The command's vendor call under its claim, to its stored event (or a delayed
+        retry). ``accepted_as``: a dead holder's 202, collected instead of sent."""
         started_at = now()
-        retry_deadline = deadline
-        if self._timings.retry_delays_s:
-            retry_deadline = min(deadline, self._policy.clock() + self._timings.retry_in_process_s)
-        budget = CallBudget(
-            deadline=deadline,
-            retry_deadline=retry_deadline,
-            prior_attempts=delivery.attempts,
-            before_first_mutation=lambda: self._mark_sent(command.key, holder),
-            on_accepted=lambda response_id: self._mark_accepted(command.key, holder, response_id),
-        )
+        budget = self._budget(deadline, delivery)
+        marks = ClaimMarks(self, command.key, holder)
         renewing = asyncio.create_task(self._keep_lease(command.key, holder))
         try:
             if delivery.last_delivery:
                 event = self._delivery_limit_reached(command, started_at, delivery)
+            elif accepted_as is None:
+                reply = await self._vendors.run(call, budget, marks)
+                event = self._event(command, started_at, delivery, budget, reply=reply)
             else:
-                event = await self._execute(
-                    command, holder, budget, started_at, delivery, accepted_as
+                reply = await self._collect_for_dead_holder(command, call, budget, marks,
+                                                            accepted_as)
+                event = self._event(command, started_at, delivery, budget, reply=reply)
+        except Withheld:
+            raise  # the claim is another worker's now: not ours to release
+        except StoreUnavailable:
+            await self._let_go(command.key, holder, budget)
+            raise  # held, or back to the queue: a store outage is never an outcome
+        except RelayError as error:
+            delay_s = self._next_delay_s(command, delivery) if error.retryable else None
+            if delay_s is None:
+                event = self._event(command, started_at, delivery, budget, error=error)
+            else:
+                log.info("retrying later", extra={**command_fields(command), "delay_s": delay_s})
+                await self._release(command.key, holder)  # the retry claims it again
+                return Settlement(
+                    None, Action.DELAY, delay_s, delivery.retries + 1,
+                    delivery.attempts + budget.attempts,
                 )
-        except _ClaimLost:
-            raise  # not ours to release
-        except _RetryLater as later:
-            await self._release(command.key, holder)  # the retry claims it again
-            return Settlement(
-                None, Action.DELAY, later.delay_s, delivery.retries + 1,
-                delivery.attempts + budget.attempts,
-            )
         except BaseException:
-            # Let a redelivery retry; but a 202'd request stays claimed (with its
-            # response-id), so whoever takes it next collects it instead of resending.
-            if budget.accepted_as is None:
-                await self._release(command.key, holder)
+            await self._let_go(command.key, holder, budget)
             raise
         finally:
             renewing.cancel()
@@ -214,74 +214,68 @@ class Handler:
         await self._complete(command.key, holder, event)
         return Settlement.for_event(event)
 
+    def _budget(self, deadline: float, delivery: DeliveryInfo) -> CallBudget:
+        retry_deadline = deadline
+        if self._timings.retry_delays_s:  # back-off in process is short: delays follow
+            retry_deadline = min(deadline, self._policy.clock() + self._timings.retry_in_process_s)
+        return CallBudget(deadline, retry_deadline, prior_attempts=delivery.attempts)
+
+    async def _let_go(self, key: str, holder: str, budget: CallBudget) -> None:
+        """Let a redelivery retry; but a 202'd request stays claimed (with its
+        response-id), so whoever takes it next collects it instead of resending."""
+        if budget.accepted_as is None:
+            await self._release(key, holder)
+
     async def _release(self, key: str, holder: str) -> None:
         # With the store away the claim stays until its lease runs out; the redelivery
         # then takes it over (or waits for it), which is all a release would allow sooner.
         with contextlib.suppress(StoreUnavailable):
             await self._store.release(key, holder)
 
-    async def _execute(
+    def _event(
         self,
         command: Command,
-        holder: str,
-        budget: CallBudget,
         started_at: datetime,
         delivery: DeliveryInfo,
-        accepted_as: str | None,
+        budget: CallBudget,
+        reply: VendorReply | None = None,
+        error: RelayError | None = None,
     ) -> ResultEvent:
+        """The command's terminal event: the vendor's answer, or the error it ended on."""
         fields = command_fields(command)
-        try:
-            reply = await self._send_or_collect(command, holder, budget, accepted_as)
-        except RelayError as error:
-            delay_s = self._next_delay_s(command, delivery) if error.retryable else None
-            if delay_s is not None:
-                log.info("retrying later", extra={**fields, "delay_s": delay_s})
-                raise _RetryLater(delay_s) from error
-            log.info(
-                "command %s", outcome_of(error),
-                extra={**fields, "error_code": str(error.code), "attempts": budget.attempts},
-            )
-            return result_event(
-                **fields,
-                outcome=outcome_of(error),
-                started_at=started_at,
-                attempts=delivery.attempts + budget.attempts,
-                reply=error.reply,
-                error=error.info(),
-            )
-        log.info("command succeeded", extra={**fields, "attempts": budget.attempts})
+        outcome = "succeeded" if error is None else outcome_of(error)
+        extra = {**fields, "outcome": outcome, "attempts": budget.attempts}
+        if error is not None:
+            extra["error_code"] = str(error.code)
+        log.info("command %s", outcome, extra=extra)
         return result_event(
             **fields,
-            outcome="succeeded",
+            outcome=outcome,
             started_at=started_at,
             attempts=delivery.attempts + budget.attempts,
-            reply=reply,
+            reply=reply if error is None else error.reply,
+            error=None if error is None else error.info(),
         )
 
-    async def _send_or_collect(
-        self, command: Command, holder: str, budget: CallBudget, accepted_as: str | None
+    async def _collect_for_dead_holder(
+        self, command: Command, call: VendorCall, budget: CallBudget, marks: ClaimMarks,
+        response_id: str,
     ) -> VendorReply:
-        if accepted_as is None:
-            return await self._vendors.execute(command, budget)
         # Taken over from a holder that died collecting a 202: keep the response-id with
         # this claim too, then collect the answer it was waiting for.
         log.info("collecting a dead holder's 202", extra=dict(command_fields(command)))
-        budget.accepted_as = accepted_as
-        await self._mark_accepted(command.key, holder, accepted_as)
-        return await self._vendors.collect(command, accepted_as, budget)
+        budget.accepted_as = response_id
+        if not await marks.accepted(response_id):
+            raise Withheld(f"{command.key!r} was taken over while collecting its 202")
+        return await self._vendors.collect(call, response_id, budget)
 
-    async def _mark_accepted(self, key: str, holder: str, response_id: str) -> None:
-        marked = await self._held_through_outage(
+    async def mark_accepted(self, key: str, holder: str, response_id: str) -> bool:
+        return await self._held_through_outage(
             lambda: self._store.mark_accepted(key, holder, response_id)
         )
-        if not marked:
-            raise _ClaimLost(key)
 
-    async def _mark_sent(self, key: str, holder: str) -> None:
-        # A worker starved for longer than its lease may have lost the key to another one,
-        # which then does the work: this one must not send it as well.
-        if not await self._held_through_outage(lambda: self._store.mark_sent(key, holder)):
-            raise _ClaimLost(key)
+    async def mark_sent(self, key: str, holder: str) -> bool:
+        return await self._held_through_outage(lambda: self._store.mark_sent(key, holder))
 
     async def _keep_lease(self, key: str, holder: str) -> None:
         """Renew the claim while this worker is alive and working, so a slow vendor call
@@ -359,14 +353,6 @@ class Handler:
         )
 
 
-class _RetryLater(Exception):
-    """Raised inside the handler when a transient failure goes to a delayed retry."""
-
-    def __init__(self, delay_s: float) -> None:
-        super().__init__(f"retry in {delay_s}s")
-        self.delay_s = delay_s
-
-
 def replay_for(command_id: str, stored: ResultEvent) -> ResultEvent:
     """The stored event again, marked replayed, addressed to this command id (so each
     command id still gets exactly one terminal event of its own)."""
@@ -380,5 +366,21 @@ def _digest(command: Command) -> str:
     return hashlib.sha256(f"{command.command_id}\0{fingerprint(command)}".encode()).hexdigest()
 
 
-class _ClaimLost(Exception):
-    """Raised inside the handler when its lease ran out and another worker took the key."""
+@dataclass
+class ClaimMarks:
+    """The vendor call's marks, kept with this holder's claim: "sent" (once, before the
+    mutation first goes out) and the 202's response-id. False from either: a worker
+    starved past its lease lost the key to another one, which does the work instead."""
+
+    handler: Handler
+    key: str
+    holder: str
+    sent: bool = False
+
+    async def sending(self) -> bool:
+        if not self.sent:
+            self.sent = await self.handler.mark_sent(self.key, self.holder)
+        return self.sent
+
+    async def accepted(self, response_id: str) -> bool:
+        return await self.handler.mark_accepted(self.key, self.holder, response_id)

@@ -8,10 +8,6 @@ import socket
 import threading
 import uuid
 
-from opentelemetry import context, trace
-from opentelemetry.trace import Span
-
-from schemas.commands import Command
 from worker.broker.consumer import CommandConsumer
 from worker.broker.topology import Topology
 from worker.handler import Handler
@@ -20,10 +16,8 @@ from worker.ops.health import Check, create_health_app
 from worker.ops.http_server import BackgroundServer
 from worker.ops.outage import Outage
 from worker.ops.telemetry import Telemetry
-from worker.results import Rejected
 from worker.runtime import HandlerLoop
 from worker.settings import Settings
-from worker.settlement import DeliveryInfo, Settlement
 from worker.vendors import Vendors
 from worker.vendors.ratelimit import RateLimits
 from worker.vendors.retries import RetryPolicy
@@ -68,20 +62,10 @@ class RelayService:
         self.consumer = CommandConsumer(
             settings.consumer,
             topology,
-            self._handle_in,
+            self.handler.handle,
             self.telemetry,
             outage,
         )
-
-    async def _handle_in(
-        self, decoded: Command | Rejected, delivery: DeliveryInfo, span: Span
-    ) -> Settlement:
-        # The handler's spans (vendor calls) become children of the delivery's span.
-        token = context.attach(trace.set_span_in_context(span))
-        try:
-            return await self.handler.handle(decoded, delivery)
-        finally:
-            context.detach(token)
 
     def ready(self) -> dict[str, Check]:
         """Readiness checks: the broker connection, and the store answering a ping."""

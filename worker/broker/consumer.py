@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import socket
 import threading
@@ -31,6 +32,8 @@ from typing import Any
 from kombu import Connection, Producer, Queue
 from kombu import Consumer as KombuConsumer
 from kombu.message import Message
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.trace import Span, StatusCode
 
 from schemas.commands import Command
@@ -50,7 +53,7 @@ from worker.settlement import Action, DeliveryInfo, Settlement
 
 log = logging.getLogger(__name__)
 
-Handle = Callable[[Command | Rejected, DeliveryInfo, Span], Awaitable[Settlement]]
+Handle = Callable[[Command | Rejected, DeliveryInfo], Awaitable[Settlement]]
 IDLE_WAIT_S = 0.25  # how often ``stop`` and heartbeats are looked at when nothing happens
 RECONNECT_MAX_WAIT_S = 30.0
 MAX_HEADER_COUNT = 10**6  # a count header beyond this is not one the broker or we wrote
@@ -84,12 +87,12 @@ class CommandConsumer:
         topology: Topology,
         handle: Handle,
         telemetry: Telemetry,
-        outage: Outage | None = None,
+        outage: Outage,
     ) -> None:
         self._settings = settings
         self.topology = topology
         self._handle = handle
-        self._outage = outage or Outage({})
+        self._outage = outage
         self._telemetry = telemetry
         self._metrics = telemetry.instruments
         self.lane_monitor = LaneMonitor(
@@ -270,7 +273,8 @@ class CommandConsumer:
             return  # not started: the broker gives it to another replica
         delivery = self._receive(message, lane)
         self._metrics.in_flight.add(1)
-        task = asyncio.ensure_future(self._process(delivery))
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._process(delivery), context=_in_span(delivery.span))
         self._tasks.add(task)
         task.add_done_callback(lambda done: self._finish(delivery, done))
 
@@ -309,14 +313,14 @@ class CommandConsumer:
         self._describe(delivery, decoded)
         info = self._delivery_info(message)
         if delivery.lane is not None:  # bounded by the lane's prefetch, not the slots
-            return await self._handle(decoded, info, delivery.span)
+            return await self._handle(decoded, info)
         lane = self.topology.lane_for(decoded)
         if lane is not None:
             return Settlement(None, Action.FORWARD, queue=lane.queue.name)
         async with self._slots:
             if self._stopping:
                 return Settlement(None, Action.REQUEUE)
-            return await self._handle(decoded, info, delivery.span)
+            return await self._handle(decoded, info)
 
     def _describe(self, delivery: Delivery, decoded: Command | Rejected) -> None:
         if isinstance(decoded, Rejected):
@@ -455,6 +459,14 @@ class CommandConsumer:
             if outcome == "failed":
                 delivery.span.set_status(StatusCode.ERROR, event.data.error.message)
         delivery.span.end()
+
+
+def _in_span(span: Span) -> contextvars.Context:
+    """A context in which ``span`` is current, for the delivery's task: the handler's
+    spans (vendor calls) become its children."""
+    context = contextvars.copy_context()
+    context.run(otel_context.attach, trace.set_span_in_context(span))
+    return context
 
 
 def _open_channel(connection: Connection) -> Any:

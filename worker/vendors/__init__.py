@@ -1,14 +1,17 @@
-"""Vendor clients, one per configured account, and the dispatch of a command to its call.
+"""The vendor side of a command: its request, built by the vendor's module (``eset.py``,
+``fylr.py``, ``spaaza.py``: pure builders), sent by its account's :class:`Sender`.
 
 A command names a tenant; the tenant's configuration names the accounts and hosts. Each
-account gets its own HTTP client and connection pool (``transport.py``), its own token
-cache and its own rate-limit slot.
+account gets its own sender: HTTP client and connection pool (``transport.py``), token
+cache and rate-limit slot. An ESET account's batch deletes go through a coalescer that
+wraps its sender (``coalescing.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from dataclasses import dataclass, replace
+from typing import Any
 
 import httpx
 
@@ -21,26 +24,43 @@ from schemas.commands import (
     SpaazaUpdateTriggersParams,
     UpdateTriggersCommand,
 )
-from schemas.events import ErrorCode
-from worker.errors import CommandRejected
+from schemas.events import ErrorCode, VendorName
+from worker.errors import CommandRejected, PermanentFailure
 from worker.ops.telemetry import Telemetry
-from worker.replies import VendorReply
-from worker.settings import Settings, Tenant
-from worker.vendors import eset, fylr
+from worker.replies import VendorReply, VendorRequest
+from worker.settings import EsetAccount, FylrAccount, Settings, SpaazaAccount, Tenant
+from worker.vendors import eset, fylr, spaaza
 from worker.vendors.auth import OAuthToken, StaticBearer
-from worker.vendors.eset import EsetClient
-from worker.vendors.fylr import FylrClient
-from worker.vendors.http import CallBudget, VendorHttp
+from worker.vendors.coalescing import BatchDeleteCoalescer
 from worker.vendors.ratelimit import RateLimits
 from worker.vendors.retries import RetryPolicy
-from worker.vendors.spaaza import SpaazaClient
+from worker.vendors.sender import GO_AHEAD, CallBudget, Marks, Send, Sender
 from worker.vendors.transport import VendorClient
 
-Client = TypeVar("Client", EsetClient, FylrClient, SpaazaClient)
+
+@dataclass(frozen=True)
+class Confirmation:
+    """A read that can show a refused mutation was this command's own, done by an earlier
+    attempt whose answer was lost (fylr refuses a second cancel with 400)."""
+
+    request: VendorRequest
+    shows_done: Callable[[Any], bool]
+
+
+@dataclass(frozen=True)
+class VendorCall:
+    """What one command sends, through which account's sender, and how its answer is read."""
+
+    command_type: str
+    request: VendorRequest
+    sender: Send
+    confirmation: Confirmation | None = None
+    body_of: Callable[[Any], Any] | None = None  # the event's body, from the vendor's
 
 
 class Vendors:
-    """Runs a validated command against its vendor; clients are made on first use."""
+    """The vendor side of a command: :meth:`call_for` builds its request (and checks the
+    tenant may make it), :meth:`run` sends it. Senders are made on first use."""
 
     def __init__(
         self,
@@ -55,41 +75,57 @@ class Vendors:
         self._policy = policy
         self._telemetry = telemetry
         self._transport = transport  # tests may swap the network for a fake
-        self._clients: dict[tuple[str, str], EsetClient | FylrClient | SpaazaClient] = {}
+        self._senders: dict[tuple[str, VendorName], Sender] = {}
+        self._coalescers: dict[str, BatchDeleteCoalescer] = {}
         self._http_clients: list[VendorClient] = []
 
-    async def execute(self, command: Command, budget: CallBudget) -> VendorReply:
-        """The vendor's final answer to the command; raises a RelayError otherwise."""
-        try:
-            return await self._dispatch(command, budget)
-        finally:
-            self._telemetry.instruments.vendor_duration.record(
-                budget.vendor_time_s, {"relay.command.type": command.type}
-            )
-
-    async def _dispatch(self, command: Command, budget: CallBudget) -> VendorReply:
+    def call_for(self, command: Command) -> VendorCall:
+        """The command's request; raises CommandRejected when its tenant can not make it."""
+        template = self._settings.eset_host_template
         match command:
             case UpdateTriggersCommand(params=EsetUpdateTriggersParams() as params):
-                return await self.eset(command.tenant).update_task_triggers(params, budget)
+                account = self._account(command.tenant, "eset")
+                return self._call(command, eset.update_triggers(template, account, params))
             case UpdateTriggersCommand(params=SpaazaUpdateTriggersParams() as params):
-                return await self.spaaza(command.tenant).update_task(params, budget)
+                account = self._account(command.tenant, "spaaza")
+                return self._call(command, spaaza.update_task(account, params))
             case BatchDeleteCommand(params=params):
-                return await self.eset(command.tenant).batch_delete(params, budget)
+                account = self._account(command.tenant, "eset")
+                request = eset.batch_delete(template, account, params)
+                return VendorCall(command.type, request, self._deletes(command.tenant))
             case CancelTaskCommand(params=params):
-                return await self.fylr(command.tenant).cancel_task(params, budget)
+                account = self._account(command.tenant, "fylr")
+                confirmation = Confirmation(
+                    fylr.task(account, params.task_id), fylr.cancel_requested
+                )
+                return self._call(command, fylr.cancel(account, params), confirmation)
             case FetchPatchingCommand():
-                return await self.eset(command.tenant).fetch_patching(budget)
+                account = self._account(command.tenant, "eset")
+                request = eset.patching(template, account)
+                return self._call(command, request, body_of=eset.patching_details)
         raise AssertionError(f"no vendor call for {command.type}")  # the contract is closed
 
-    async def collect(self, command: Command, response_id: str, budget: CallBudget) -> VendorReply:
+    async def run(
+        self, call: VendorCall, budget: CallBudget, marks: Marks = GO_AHEAD
+    ) -> VendorReply:
+        """The vendor's final answer; raises a RelayError otherwise (Withheld when
+        ``marks`` said no)."""
+        try:
+            reply = await call.sender.send(call.request, budget, marks)
+        except PermanentFailure as refusal:
+            return await self._confirmed(call, budget, refusal)
+        finally:
+            self._record(call, budget)
+        if call.body_of is not None:
+            return replace(reply, body=call.body_of(reply.body), retry_after_s=None)
+        return reply
+
+    async def collect(self, call: VendorCall, response_id: str, budget: CallBudget) -> VendorReply:
         """Collect the 202 a worker that died got for this command (ESET mutations only)."""
-        match command:
-            case (
-                UpdateTriggersCommand(params=EsetUpdateTriggersParams() as params)
-                | BatchDeleteCommand(params=params)
-            ):
-                return await self.eset(command.tenant).collect(params, response_id, budget)
-        raise AssertionError(f"{command.type} is never collected")  # only ESET answers 202
+        try:
+            return await call.sender.collect(call.request, response_id, budget)
+        finally:
+            self._record(call, budget)
 
     def tenant(self, name: str) -> Tenant:
         tenant = self._settings.tenants.get(name)
@@ -101,57 +137,81 @@ class Vendors:
             )
         return tenant
 
-    def eset(self, tenant_name: str) -> EsetClient:
-        return self._client(tenant_name, "eset", self._make_eset)
-
-    def fylr(self, tenant_name: str) -> FylrClient:
-        return self._client(tenant_name, "fylr", self._make_fylr)
-
-    def spaaza(self, tenant_name: str) -> SpaazaClient:
-        return self._client(tenant_name, "spaaza", self._make_spaaza)
-
     async def aclose(self) -> None:
         for client in self._http_clients:
             await client.aclose()
 
-    def _client(
-        self, tenant_name: str, vendor: str, make: Callable[[Tenant], Client]
-    ) -> Client:
-        key = (tenant_name, vendor)
-        if key not in self._clients:
-            tenant = self.tenant(tenant_name)
-            if getattr(tenant, vendor) is None:
-                raise CommandRejected(
-                    ErrorCode.VENDOR_NOT_CONFIGURED,
-                    f"tenant {tenant_name!r} has no {vendor} account configured",
-                )
-            self._clients[key] = make(tenant)
-        client = self._clients[key]
-        assert isinstance(client, (EsetClient, FylrClient, SpaazaClient))
-        return client  # type: ignore[return-value]
+    async def _confirmed(
+        self, call: VendorCall, budget: CallBudget, refusal: PermanentFailure
+    ) -> VendorReply:
+        """A 400 after an attempt whose answer was lost may be the answer to this
+        command's own earlier call: the confirmation's read tells, and is the reply."""
+        check = call.confirmation
+        if check is None or refusal.vendor_status != 400 or not budget.may_have_acted_before:
+            raise refusal
+        reply = await call.sender.send(check.request, budget)
+        if not check.shows_done(reply.body):
+            raise refusal
+        return reply
 
-    def _make_eset(self, tenant: Tenant) -> EsetClient:
-        account = tenant.eset
-        assert account is not None
+    def _record(self, call: VendorCall, budget: CallBudget) -> None:
+        self._telemetry.instruments.vendor_duration.record(
+            budget.vendor_time_s, {"relay.command.type": call.command_type}
+        )
+
+    def _call(
+        self,
+        command: Command,
+        request: VendorRequest,
+        confirmation: Confirmation | None = None,
+        body_of: Callable[[Any], Any] | None = None,
+    ) -> VendorCall:
+        sender = self._sender(command.tenant, request.vendor)
+        return VendorCall(command.type, request, sender, confirmation, body_of)
+
+    def _account(self, tenant_name: str, vendor: VendorName) -> Any:
+        account = getattr(self.tenant(tenant_name), vendor)
+        if account is None:
+            raise CommandRejected(
+                ErrorCode.VENDOR_NOT_CONFIGURED,
+                f"tenant {tenant_name!r} has no {vendor} account configured",
+            )
+        return account
+
+    def _sender(self, tenant_name: str, vendor: VendorName) -> Sender:
+        key = (tenant_name, vendor)
+        if key not in self._senders:
+            account = self._account(tenant_name, vendor)
+            make: Callable[[Any], Sender] = getattr(self, f"_make_{vendor}")
+            self._senders[key] = make(account)
+        return self._senders[key]
+
+    def _deletes(self, tenant_name: str) -> Send:
+        """The ESET account's batch deletes, merged when they arrive together (when a
+        window is set: without one, each goes straight to the account's sender)."""
+        window_s = self._settings.batch_delete_window_ms / 1000
+        if window_s <= 0:
+            return self._sender(tenant_name, "eset")
+        if tenant_name not in self._coalescers:
+            self._coalescers[tenant_name] = BatchDeleteCoalescer(
+                self._sender(tenant_name, "eset"),
+                window_s,
+                self._settings.batch_delete_max_objects,
+            )
+        return self._coalescers[tenant_name]
+
+    def _make_eset(self, account: EsetAccount) -> Sender:
         client = self._http_client()
-        template = self._settings.eset_host_template
         auth = OAuthToken(
             client,
-            eset.token_url(template, account),
+            eset.token_url(self._settings.eset_host_template, account),
             {"grant_type": "password", "username": account.username, "password": account.password},
             vendor="eset",
             refresh_margin_s=self._settings.token_refresh_margin_s,
         )
-        http = self._vendor_http(client, auth, "eset", account.username, follows_202=True)
-        return EsetClient(
-            account, template, http,
-            batch_delete_window_s=self._settings.batch_delete_window_ms / 1000,
-            batch_delete_max_objects=self._settings.batch_delete_max_objects,
-        )
+        return self._new_sender(client, auth, "eset", account.username, follows_202=True)
 
-    def _make_fylr(self, tenant: Tenant) -> FylrClient:
-        account = tenant.fylr
-        assert account is not None
+    def _make_fylr(self, account: FylrAccount) -> Sender:
         client = self._http_client()
         auth = OAuthToken(
             client,
@@ -162,26 +222,24 @@ class Vendors:
             client_fields=fylr.client(account),
         )
         account_key = f"{account.base_url}|{account.client_id}|{account.username or ''}"
-        return FylrClient(account, self._vendor_http(client, auth, "fylr", account_key))
+        return self._new_sender(client, auth, "fylr", account_key)
 
-    def _make_spaaza(self, tenant: Tenant) -> SpaazaClient:
-        account = tenant.spaaza
-        assert account is not None
+    def _make_spaaza(self, account: SpaazaAccount) -> Sender:
         client = self._http_client()
         secret = f"{account.token_id}:{account.token_secret.get_secret_value()}"
         auth = StaticBearer(type(account.token_secret)(secret))
         account_key = f"{account.base_url}|{account.token_id}"
-        return SpaazaClient(account, self._vendor_http(client, auth, "spaaza", account_key))
+        return self._new_sender(client, auth, "spaaza", account_key)
 
-    def _vendor_http(
+    def _new_sender(
         self,
         client: VendorClient,
         auth: OAuthToken | StaticBearer,
         vendor: str,
         account_key: str,
         follows_202: bool = False,
-    ) -> VendorHttp:
-        return VendorHttp(
+    ) -> Sender:
+        return Sender(
             client=client,
             auth=auth,
             rate_slot=self._rate_limits.slot(vendor, account_key),

@@ -13,8 +13,9 @@ The objects of the members are unioned, duplicates sent once.
 Each command keeps its own idempotency claim, budget and result event:
 
 - Right before the merged call goes out (after the rate slot), every member's
-  ``before_first_mutation`` (the handler's "mark sent") runs. A member whose mark raises
-  (its claim was lost) is left out of the body and gets that exception.
+  ``marks.sending()`` (the handler's "mark sent") is asked. A member whose mark says no
+  (its claim was lost) or fails is left out of the body and gets :class:`Withheld` or
+  that failure.
 - Every member gets the merged call's outcome: ESET answers ``200 {}`` for the whole batch,
   so each gets that reply (its event names its own objects); a failure (retries or
   deadline exhausted, 202 answer lost) is each member's failure. Each member's budget is
@@ -30,20 +31,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
-from worker.errors import PermanentFailure
+from worker.errors import PermanentFailure, Withheld
 from worker.replies import VendorReply, VendorRequest
-from worker.vendors.http import CallBudget
+from worker.vendors.sender import GO_AHEAD, CallBudget, Marks, Send
 
 log = logging.getLogger(__name__)
-
-Send = Callable[[VendorRequest, CallBudget], Awaitable[VendorReply]]
-# Builds the batch-delete request for a list of object uuids. The list must go into the
-# body as it is: a merged call's list is filled in when its members are settled.
-RequestFor = Callable[[list[str]], VendorRequest]
 
 
 class _Alone(Enum):
@@ -52,14 +47,11 @@ class _Alone(Enum):
     SEND = "send alone"
 
 
-class _NothingToSend(Exception):
-    """Raised by a merged call's mark hook when no member is left to send."""
-
-
 @dataclass(eq=False)
 class _Member:
     object_uuids: list[str]
     budget: CallBudget
+    marks: Marks
     outcome: asyncio.Future[VendorReply | _Alone]
 
     @property
@@ -69,6 +61,7 @@ class _Member:
 
 @dataclass(eq=False)
 class _Batch:
+    request: VendorRequest  # its first member's: the merged call's URL and route
     members: list[_Member] = field(default_factory=list)
     objects: dict[str, None] = field(default_factory=dict)  # the union, in arrival order
     closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -85,7 +78,7 @@ class _Batch:
             return True
         return (
             member.budget.deadline >= self.call.deadline
-            and _retry_deadline(member.budget) >= _retry_deadline(self.call)
+            and member.budget.retry_until >= self.call.retry_until
         )
 
     def add(self, member: _Member) -> None:
@@ -97,39 +90,45 @@ class _Batch:
 
 
 class BatchDeleteCoalescer:
-    """Merges the batch deletes of one ESET account; ``window_s`` 0 sends each alone."""
+    """Wraps one ESET account's sender for batch deletes: merges those that arrive
+    together; ``window_s`` 0 sends each alone."""
 
-    def __init__(
-        self, send: Send, request_for: RequestFor, window_s: float, max_objects: int
-    ) -> None:
-        self._send = send
-        self._request_for = request_for
+    def __init__(self, sender: Send, window_s: float, max_objects: int) -> None:
+        self._sender = sender
         self._window_s = window_s
         self._max_objects = max_objects
         self._open: _Batch | None = None  # the batch new commands join
         self._calls: set[asyncio.Task[None]] = set()  # kept referenced while they run
 
-    async def delete(self, object_uuids: list[str], budget: CallBudget) -> VendorReply:
-        """ESET's answer for these objects, sent alone or as part of a merged call."""
+    async def send(
+        self, request: VendorRequest, budget: CallBudget, marks: Marks = GO_AHEAD
+    ) -> VendorReply:
+        """ESET's answer for the request's objects, sent alone or as part of a merged call."""
+        object_uuids: list[str] = request.json["objectUuids"]
         if self._window_s <= 0 or len(set(object_uuids)) > self._max_objects:
-            return await self._send(self._request_for(object_uuids), budget)
-        member = _Member(object_uuids, budget, asyncio.get_running_loop().create_future())
-        self._join(member)
+            return await self._sender.send(request, budget, marks)
+        member = _Member(object_uuids, budget, marks, asyncio.get_running_loop().create_future())
+        self._join(member, request)
         outcome = await member.outcome  # cancelling this command cancels its membership
         if isinstance(outcome, VendorReply):
             return outcome
         # The merged call was refused as invalid, so nothing was done: this command's
         # objects go alone (its claim is already marked sent), and only what ESET refuses
         # on its own fails.
-        return await self._send(self._request_for(object_uuids), budget)
+        return await self._sender.send(request, budget, marks)
 
-    def _join(self, member: _Member) -> None:
+    async def collect(
+        self, request: VendorRequest, response_id: str, budget: CallBudget
+    ) -> VendorReply:
+        return await self._sender.collect(request, response_id, budget)
+
+    def _join(self, member: _Member, request: VendorRequest) -> None:
         batch = self._open
         if batch is not None and not batch.takes(member, self._max_objects):
             self._close(batch)
             batch = None
         if batch is None:
-            batch = self._open = _Batch()
+            batch = self._open = _Batch(request)
             task = asyncio.create_task(self._run(batch))
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
@@ -154,12 +153,12 @@ class BatchDeleteCoalescer:
                 return
             batch.call = CallBudget(
                 deadline=min(m.budget.deadline for m in waiting),
-                retry_deadline=min(_retry_deadline(m.budget) for m in waiting),
-                before_first_mutation=lambda: self._settle(batch),
+                retry_deadline=min(m.budget.retry_until for m in waiting),
             )
-            reply = await self._send(self._request_for(batch.body), batch.call)
-        except _NothingToSend:
-            return
+            merged = replace(batch.request, json={"objectUuids": batch.body})
+            reply = await self._sender.send(merged, batch.call, _Settling(self, batch))
+        except Withheld:
+            return  # no member was left to send: each already has its outcome
         except BaseException as error:
             self._finish(batch, error)
             if not isinstance(error, Exception):
@@ -169,31 +168,32 @@ class BatchDeleteCoalescer:
         finally:
             self._close(batch)
 
-    async def _settle(self, batch: _Batch) -> None:
-        """The merged call's ``before_first_mutation``: VendorHttp runs it after the rate
-        slot, right before the body goes out. The batch closes, every member's own mark
-        runs, and the body becomes the objects of the members whose mark succeeded."""
+    async def settle(self, batch: _Batch) -> bool:
+        """Right before the merged call's body goes out: the batch closes, every member's
+        own mark is asked, and the body becomes the objects of the members it allowed.
+        False when none did."""
         self._close(batch)
         candidates = batch.waiting()
         marks = await asyncio.gather(
-            *(m.budget.mark_first_mutation() for m in candidates), return_exceptions=True
+            *(m.marks.sending() for m in candidates), return_exceptions=True
         )
         batch.sent = []
         for member, mark in zip(candidates, marks, strict=True):
             if not member.waiting:
                 continue  # cancelled while marking: nobody waits for its outcome
-            if isinstance(mark, BaseException):
-                _deliver(member, mark)  # e.g. its claim was lost: it must not be sent
-            else:
+            if mark is True:
                 batch.sent.append(member)
-        if not batch.sent:
-            raise _NothingToSend
+            elif isinstance(mark, BaseException):
+                _deliver(member, mark)  # e.g. the store is away: it must not be sent
+            else:
+                _deliver(member, Withheld("its claim was lost before the merged call"))
         batch.body.extend(dict.fromkeys(u for m in batch.sent for u in m.object_uuids))
         if len(batch.sent) > 1:
             log.debug(
                 "batch delete of %d commands, %d objects, in one call",
                 len(batch.sent), len(batch.body),
             )
+        return bool(batch.sent)
 
     def _finish(self, batch: _Batch, outcome: VendorReply | BaseException) -> None:
         # Members not settled yet (the call failed before anything went out, e.g. at the
@@ -207,6 +207,24 @@ class BatchDeleteCoalescer:
             if call is not None:
                 _charge(member.budget, call)
             _deliver(member, result)
+
+
+@dataclass(frozen=True)
+class _Settling:
+    """The merged call's marks: its members are settled when it is about to go out (once:
+    a retry sends the same members); a merged request keeps no 202, as it can not be
+    rebuilt from one command."""
+
+    coalescer: BatchDeleteCoalescer
+    batch: _Batch
+
+    async def sending(self) -> bool:
+        if self.batch.sent is None:
+            return await self.coalescer.settle(self.batch)
+        return bool(self.batch.sent)
+
+    async def accepted(self, response_id: str) -> bool:
+        return True
 
 
 def _refused_as_invalid(outcome: VendorReply | BaseException, call: CallBudget) -> bool:
@@ -237,6 +255,3 @@ def _deliver(member: _Member, outcome: VendorReply | BaseException | _Alone) -> 
     else:
         member.outcome.set_result(outcome)
 
-
-def _retry_deadline(budget: CallBudget) -> float:
-    return budget.deadline if budget.retry_deadline is None else budget.retry_deadline

@@ -1,6 +1,6 @@
 """The one retry policy for vendor calls.
 
-Exponential back-off with full jitter, on :class:`~worker.errors.TransientFailure` only,
+Exponential back-off with full jitter, on errors that say they are retryable only,
 bounded both by an attempt cap and by a deadline; a ``Retry-After`` from the vendor
 replaces the computed wait. Sleeping is injected, so tests run without waiting.
 """
@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     wait_random_exponential,
 )
 from tenacity.stop import stop_base
 
-from worker.errors import TransientFailure, VendorThrottled
+from worker.errors import RelayError, VendorThrottled
 from worker.settings import RetrySettings
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -58,7 +58,7 @@ class RetryPolicy:
         ``deadline`` (a :attr:`clock` reading); the last error is re-raised."""
 
         return AsyncRetrying(
-            retry=retry_if_exception_type(TransientFailure),
+            retry=retry_if_exception(_retryable),
             stop=stop_after_attempt(self.max_attempts) | StopBeforeDeadline(deadline, self.clock),
             wait=self.wait_s,
             sleep=self.sleep,
@@ -75,3 +75,7 @@ class StopBeforeDeadline(stop_base):
 
     def __call__(self, retry_state: RetryCallState) -> bool:
         return self.clock() + (retry_state.upcoming_sleep or 0.0) >= self.deadline
+
+
+def _retryable(error: BaseException) -> bool:
+    return isinstance(error, RelayError) and error.retryable

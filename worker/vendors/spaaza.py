@@ -1,27 +1,19 @@
-"""Spaaza: overwrite a task's trigger (``PUT /tasks/{id}``); the answer is the whole task."""
+"""Spaaza requests: overwrite a task's trigger (``PUT /tasks/{id}``); the answer is the
+whole task. A pure builder."""
 
 from __future__ import annotations
 
 from schemas.commands import SpaazaUpdateTriggersParams
-from worker.replies import VendorReply, VendorRequest
+from worker.replies import VendorRequest
 from worker.settings import SpaazaAccount
-from worker.vendors.http import CallBudget, VendorHttp
 
 
-class SpaazaClient:
-    def __init__(self, account: SpaazaAccount, http: VendorHttp) -> None:
-        self._base = account.base_url.rstrip("/")
-        self._http = http
-
-    async def update_task(
-        self, params: SpaazaUpdateTriggersParams, budget: CallBudget
-    ) -> VendorReply:
-        body = params.model_dump(mode="json", exclude={"provider", "task_id"}, exclude_none=True)
-        request = VendorRequest(
-            vendor="spaaza",
-            method="PUT",
-            url=f"{self._base}/tasks/{params.task_id}",
-            route="/tasks/{id}",
-            json=body,
-        )
-        return await self._http.call(request, budget)
+def update_task(account: SpaazaAccount, params: SpaazaUpdateTriggersParams) -> VendorRequest:
+    body = params.model_dump(mode="json", exclude={"provider", "task_id"}, exclude_none=True)
+    return VendorRequest(
+        vendor="spaaza",
+        method="PUT",
+        url=f"{account.base_url.rstrip('/')}/tasks/{params.task_id}",
+        route="/tasks/{id}",
+        json=body,
+    )
