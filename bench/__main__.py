@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import isolation, report, scenarios
-from bench.rig import Options
+from bench.run import Options
 
 SCENARIOS: dict[str, Callable[[Options], dict[str, Any]]] = {
     "throughput": scenarios.relay_fast,

@@ -13,13 +13,13 @@ import dataclasses
 import time
 from typing import Any
 
-import httpx
-
-from bench.rig import Options, Rig, batch_delete_commands, outcomes, steady_rate
+from bench.commands import batch_deletes
+from bench.measure import steady_rate
+from bench.rig.sandbox import ESET_LIMIT_PER_S, ESET_RATE_LIMITS
+from bench.run import Options, Rig
 
 Result = dict[str, Any]
 ROUTE = "eset.batch_delete"
-ESET_LIMIT_PER_S = 10
 
 
 def coalesce(options: Options) -> Result:
@@ -37,14 +37,14 @@ def _run(options: Options, label: str, count: int, window_ms: float) -> Result:
     # Bounded: by --seconds, or by the time the calls take at the limit (plus start-up).
     bound_s = max(options.seconds, count / ESET_LIMIT_PER_S + 30)
     with Rig(options, label) as rig:
-        sandbox_url = rig.sandbox(rate_limited=True)
+        sandbox = rig.start_sandbox(rate_limited=True)
         collector = rig.collect_events()
-        rig.publish_backlog(batch_delete_commands(count))
+        rig.publish_backlog(batch_deletes(count))
         started = time.monotonic()
-        (worker,) = rig.relay(sandbox_url, replicas=1, concurrency=options.concurrency,
-                              rate_limits={"eset": f"{ESET_LIMIT_PER_S}/second"})
+        (worker,) = rig.relay(replicas=1, concurrency=options.concurrency,
+                              rate_limits=ESET_RATE_LIMITS)
         complete = collector.wait_for(count, bound_s, rig.procs.check_alive)
-        stats = httpx.get(f"{sandbox_url}/_sandbox/stats").json()
+        stats = sandbox.stats()
         rss = worker.peak_rss_mb()
         times = collector.times()
     statuses: dict[str, int] = stats["statuses"].get(ROUTE, {})
@@ -65,6 +65,6 @@ def _run(options: Options, label: str, count: int, window_ms: float) -> Result:
         "objects_deleted": len(deleted),
         "objects_deleted_more_than_once": sum(1 for n in deleted.values() if n > 1),
         "objects_per_call": len(deleted) / answered if answered else None,
-        "outcomes": outcomes(collector.arrivals),
+        "outcomes": collector.outcomes(),
         "peak_rss_mb": [rss],
     }

@@ -15,14 +15,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
-import subprocess
-import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
+from bench.rig.procs import Procs
+from bench.rig.sandbox import SandboxProcess
 from bench.vendor import batch_delete_url, eset_authorization
 from worker.runtime import new_event_loop
 from worker.vendors.transport import VendorClient
@@ -80,13 +82,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
-    sandbox = subprocess.Popen(
-        [sys.executable, "-m", "bench.sandbox_proc", "--no-rate-limit"],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert sandbox.stdout is not None
-        base_url = sandbox.stdout.readline().strip()
+    with tempfile.TemporaryDirectory() as logs, Procs(Path(logs)) as procs:
+        base_url = SandboxProcess(procs, rate_limited=False).base_url
         with httpx.Client() as client:
             headers = eset_authorization(client, base_url)
         loop = new_event_loop()
@@ -96,9 +93,6 @@ def main() -> None:
             )
         finally:
             loop.close()
-    finally:
-        sandbox.terminate()
-        sandbox.wait(10)
 
 
 if __name__ == "__main__":

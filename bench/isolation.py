@@ -25,8 +25,6 @@ has measured, and its queues, lanes included, are deleted.
 from __future__ import annotations
 
 import itertools
-import json
-import statistics
 import threading
 import time
 import uuid
@@ -37,23 +35,16 @@ import httpx
 from kombu import Producer
 from kombu.exceptions import ChannelError
 
-from bench import vendor
-from bench.procs import Proc
-from bench.rig import (
-    EventCollector,
-    Options,
-    Rig,
-    Samples,
-    free_port,
-    publish_command,
-    scrape_metrics,
-    steady_rate,
-)
+from bench.commands import batch_deletes, cancel_task, publish_command
+from bench.measure import Samples, percentile, scrape_metrics, steady_rate
+from bench.rig.events import EventCollector
+from bench.rig.procs import Proc, free_port
+from bench.rig.sandbox import ESET_LIMIT_PER_S, ESET_RATE_LIMITS
+from bench.rig.tenants import eset_sub_account, sandbox_tenants
+from bench.run import Options, Rig
 from worker.broker.connection import connect
 
 Result = dict[str, Any]
-ESET_LIMIT_PER_S = 10
-RATE_LIMITS = {"eset": f"{ESET_LIMIT_PER_S}/second"}
 ROUTE = "eset.batch_delete"
 FLOOD, QUIET, BULK = "flood", "quiet", "bulk"  # tenants: ESET flood, quiet one, fylr flood
 QUIET_PER_S = 4.0
@@ -82,16 +73,13 @@ def isolation(options: Options) -> Result:
 
 def _isolation_run(options: Options, replicas: int) -> Result:
     with Rig(options, f"isolation-{replicas}") as rig:
-        prefix = f"bench.{rig.run_id}.lane."
-        lane = f"{prefix}eset.{FLOOD}"
-        rig.delete_queues_at_exit([lane, f"{prefix}eset.{QUIET}"])
-        sandbox_url = rig.sandbox(rate_limited=True)
+        lane = rig.names.lane_queue("eset", FLOOD)
+        sandbox = rig.start_sandbox(rate_limited=True)
         events = Events(rig.collect_events())
         ports = [free_port() for _ in range(replicas)]
         workers = rig.relay(
-            sandbox_url, replicas=replicas, concurrency=options.concurrency,
-            rate_limits=RATE_LIMITS, env={"RELAY_LANE_QUEUE_PREFIX": prefix},
-            tenants=vendor.tenants(sandbox_url, eset=[FLOOD, QUIET], fylr=[QUIET]),
+            replicas=replicas, concurrency=options.concurrency, rate_limits=ESET_RATE_LIMITS,
+            tenants=sandbox_tenants(sandbox.base_url, {FLOOD: ["eset"], QUIET: ["eset", "fylr"]}),
             health_ports=ports,
         )
         result: Result = {"replicas": replicas, "backlog": options.isolation_backlog}
@@ -99,7 +87,7 @@ def _isolation_run(options: Options, replicas: int) -> Result:
         quiet.warm_up(2 * replicas)
         result["baseline"] = quiet.phase(options.isolation_quiet)
         result.update(_flood(rig, quiet, lane, options))
-        result.update(_quiet_next_to_flood(rig, quiet, sandbox_url, ports, lane, options))
+        result.update(_quiet_next_to_flood(rig, quiet, ports, lane, options))
         settled = [_settled(_scrape(port)) for port in ports]
         result["settled_per_replica"] = settled
         result["settled_within_s"] = _max([s["within_s"] for s in settled])
@@ -113,7 +101,7 @@ def _flood(rig: Rig, quiet: QuietSender, lane: str, options: Options) -> Result:
     main = rig.topology.command_queue.name
     with DepthWatcher(rig, [main, lane]) as depths:
         started = time.monotonic()
-        rig.publish_burst(_deletes(FLOOD, options.isolation_backlog))
+        rig.publish_burst(batch_deletes(options.isolation_backlog, FLOOD))
         published = time.monotonic()
         during = quiet.phase(options.isolation_quiet)
         # Empty once every message was handed to a consumer (ready count: the few a
@@ -133,18 +121,18 @@ def _flood(rig: Rig, quiet: QuietSender, lane: str, options: Options) -> Result:
 
 
 def _quiet_next_to_flood(
-    rig: Rig, quiet: QuietSender, sandbox_url: str, ports: list[int], lane: str,
-    options: Options,
+    rig: Rig, quiet: QuietSender, ports: list[int], lane: str, options: Options
 ) -> Result:
     """Quiet commands with the backlog in the lane; the flood account's rate meanwhile."""
+    assert rig.sandbox is not None
     probes: list[Result] = []
-    before = _sandbox_stats(sandbox_url)
+    before = rig.sandbox.stats()
     started = time.monotonic()
     after = quiet.phase(options.isolation_quiet,
                         at_half=lambda: probes.append(_probe(rig, ports, lane)))
     _sleep_until(started + SKIP_S + STEADY_WINDOW_S, rig)
     ended = time.monotonic()
-    stats = _sandbox_stats(sandbox_url)
+    stats = rig.sandbox.stats()
     flood = quiet.events.times(FLOOD)
     window_s = ended - started - SKIP_S
     statuses = _diff(stats["statuses"].get(ROUTE, {}), before["statuses"].get(ROUTE, {}))
@@ -159,7 +147,7 @@ def _quiet_next_to_flood(
         "flood_vendor_statuses": statuses,
         "flood_vendor_statuses_run": stats["statuses"].get(ROUTE, {}),
         "share_429": statuses.get("429", 0) / calls if calls else None,
-        "flood_max_calls_in_a_second": peaks.get(vendor.eset_username(FLOOD)),
+        "flood_max_calls_in_a_second": peaks.get(eset_sub_account(FLOOD)),
         "mid_run": probes[0] if probes else None,
     }
 
@@ -220,29 +208,28 @@ class QuietSender:
         if index % 2:
             return {"type": "fetch-patching", "id": str(uuid.uuid4()), "tenant": QUIET,
                     "params": {}}
-        return _cancel(QUIET, next(self._task_ids))
+        return cancel_task(QUIET, next(self._task_ids))
 
 
 class Events:
-    """The collector's events by command id and by tenant, parsed as they come in."""
+    """The collector's events by command id and by tenant, grouped as they come in."""
 
     def __init__(self, collector: EventCollector) -> None:
         self._collector = collector
-        self._parsed = 0
+        self._grouped = 0
         self._by_id: dict[str, float] = {}
         self._by_tenant: dict[str, list[float]] = {}
         self.outcomes: dict[str, dict[str, int]] = {}  # tenant → "<type>.<outcome>" → n
 
     def update(self) -> None:
-        new = self._collector.arrivals[self._parsed:]  # appended to by the collector only
-        self._parsed += len(new)
-        for arrived, body in new:
-            data = json.loads(body).get("data", {})
-            tenant = str(data.get("tenant"))
-            self._by_id.setdefault(str(data.get("command_id")), arrived)
+        new = self._collector.events_since(self._grouped)
+        self._grouped += len(new)
+        for arrived, seen in new:
+            tenant = str(seen.tenant)
+            self._by_id.setdefault(seen.command_id, arrived)
             self._by_tenant.setdefault(tenant, []).append(arrived)
             counts = self.outcomes.setdefault(tenant, {})
-            key = f"{data.get('type')}.{data.get('outcome')}"
+            key = f"{seen.command_type}.{seen.outcome}"
             counts[key] = counts.get(key, 0) + 1
 
     def has(self, ids: dict[str, Any]) -> bool:
@@ -341,21 +328,19 @@ def _fairness_run(options: Options, accounts: int, *, fylr: bool) -> Result:
     # The window must end before any account runs out of commands (at 10/s).
     window_s = min(FAIR_WINDOW_S, max(2.0, 0.8 * per_account / ESET_LIMIT_PER_S - SKIP_S))
     with Rig(options, f"fairness-{accounts}") as rig:
-        prefix = f"bench.{rig.run_id}.lane."
-        rig.delete_queues_at_exit([f"{prefix}eset.{name}" for name in names])
-        sandbox_url = rig.sandbox(rate_limited=True)
+        sandbox = rig.start_sandbox(rate_limited=True)
         events = Events(rig.collect_events())
-        backlog = [c for name in names for c in _deletes(name, per_account)]
+        backlog = [c for name in names for c in batch_deletes(per_account, name)]
         task_ids = itertools.count(1)
-        backlog += [_cancel(BULK, next(task_ids)) for _ in range(fylr_count)]
+        backlog += [cancel_task(BULK, next(task_ids)) for _ in range(fylr_count)]
         rig.publish_backlog(backlog)
+        accounts_of = {name: ["eset"] for name in names} | ({BULK: ["fylr"]} if fylr else {})
         (worker,) = rig.relay(
-            sandbox_url, replicas=1, concurrency=options.concurrency, rate_limits=RATE_LIMITS,
-            env={"RELAY_LANE_QUEUE_PREFIX": prefix},
-            tenants=vendor.tenants(sandbox_url, eset=names, fylr=[BULK] if fylr else []),
+            replicas=1, concurrency=options.concurrency, rate_limits=ESET_RATE_LIMITS,
+            tenants=sandbox_tenants(sandbox.base_url, accounts_of),
         )
         check = rig.procs.check_alive
-        with CpuSampler([worker, rig.sandbox_proc]) as cpu:
+        with CpuSampler([worker, sandbox.proc]) as cpu:
             events.wait(lambda: events.count(names) > 0, START_WAIT_S, check)
             first = min((t for name in names for t in events.times(name)), default=None)
             if first is not None:
@@ -379,16 +364,15 @@ def _fairness_run(options: Options, accounts: int, *, fylr: bool) -> Result:
 def _fylr_alone(options: Options) -> Result:
     count = options.isolation_fylr_commands
     with Rig(options, "fylr-alone") as rig:
-        sandbox_url = rig.sandbox(rate_limited=True)
+        sandbox = rig.start_sandbox(rate_limited=True)
         events = Events(rig.collect_events())
         task_ids = itertools.count(1)
-        rig.publish_backlog([_cancel(BULK, next(task_ids)) for _ in range(count)])
+        rig.publish_backlog([cancel_task(BULK, next(task_ids)) for _ in range(count)])
         (worker,) = rig.relay(
-            sandbox_url, replicas=1, concurrency=options.concurrency, rate_limits=RATE_LIMITS,
-            env={"RELAY_LANE_QUEUE_PREFIX": f"bench.{rig.run_id}.lane."},
-            tenants=vendor.tenants(sandbox_url, eset=[], fylr=[BULK]),
+            replicas=1, concurrency=options.concurrency, rate_limits=ESET_RATE_LIMITS,
+            tenants=sandbox_tenants(sandbox.base_url, {BULK: ["fylr"]}),
         )
-        with CpuSampler([worker, rig.sandbox_proc]) as cpu:
+        with CpuSampler([worker, sandbox.proc]) as cpu:
             complete = events.wait(lambda: events.count([BULK]) >= count,
                                    START_WAIT_S + FYLR_WAIT_S, rig.procs.check_alive)
         return {**_fylr_figures(events.times(BULK), count, complete, cpu),
@@ -435,16 +419,6 @@ class CpuSampler(Sampling):
 # --- small helpers ---
 
 
-def _deletes(tenant: str, count: int) -> list[dict[str, Any]]:
-    return [{"type": "batch-delete", "id": str(uuid.uuid4()), "tenant": tenant,
-             "params": {"object_uuids": [str(uuid.uuid4())]}} for _ in range(count)]
-
-
-def _cancel(tenant: str, task_id: int) -> dict[str, Any]:
-    return {"type": "cancel-task", "id": str(uuid.uuid4()), "tenant": tenant,
-            "params": {"task_id": task_id}}
-
-
 def _rate_in(times: list[float], first: float | None, window_s: float) -> float | None:
     """Events per second in the window that starts ``SKIP_S`` after ``first``."""
     if first is None:
@@ -454,14 +428,8 @@ def _rate_in(times: list[float], first: float | None, window_s: float) -> float 
 
 
 def _spread(values: list[float]) -> Result:
-    return {"p50_s": _percentile(values, 50), "p99_s": _percentile(values, 99),
+    return {"p50_s": percentile(values, 50), "p99_s": percentile(values, 99),
             "max_s": max(values, default=None)}
-
-
-def _percentile(values: list[float], percent: int) -> float | None:
-    if len(values) < 2:
-        return values[0] if values else None
-    return statistics.quantiles(values, n=100, method="inclusive")[percent - 1]
 
 
 def _scrape(port: int) -> Samples:
@@ -504,11 +472,6 @@ def _within(buckets: list[tuple[dict[str, str], float]]) -> float | None:
         return None
     everything = by_bound[max(by_bound)]  # the +Inf bucket
     return min(bound for bound, n in by_bound.items() if n >= everything)
-
-
-def _sandbox_stats(sandbox_url: str) -> dict[str, Any]:
-    stats: dict[str, Any] = httpx.get(f"{sandbox_url}/_sandbox/stats", timeout=10).json()
-    return stats
 
 
 def _diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:

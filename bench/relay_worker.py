@@ -1,4 +1,5 @@
-"""``command-relay run`` as the benchmark starts each replica, with tracing on.
+"""``command-relay run`` as a run starts each replica (``bench/rig/replicas.py``; the chaos
+scenarios too), with the benchmark's tracing on where it asks for it.
 
 TRACING HOOK. "All features on" includes tracing with spans that are made and then
 dropped: with ``BENCH_TRACING=sdk-noop`` (what the harness sets unless ``--no-tracing``)

@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,20 +24,15 @@ from kombu import Producer
 from bench import vendor
 from bench.celery_anchor import TASK, celery_delay_objects, celery_queue, make_app
 from bench.coalesce import coalesce as coalesce  # a scenario of its own file, listed here
-from bench.procs import Proc
-from bench.rig import (
-    EventCollector,
-    Options,
-    Rig,
-    batch_delete_commands,
-    outcomes,
-    publish_command,
-    steady_rate,
-)
+from bench.commands import batch_deletes, publish_command
+from bench.measure import percentile, steady_rate
+from bench.rig.events import EventCollector
+from bench.rig.procs import Proc
+from bench.rig.sandbox import ESET_LIMIT_PER_S, ESET_RATE_LIMITS
+from bench.run import Options, Rig
 from worker.broker.connection import connect
 
 Result = dict[str, Any]
-ESET_LIMIT_PER_S = 10  # the sandbox's (and ESET's) documented limit per account
 LATENCY_WARMUP = 5
 
 
@@ -56,25 +52,25 @@ def relay_slow(options: Options) -> Result:
 
 def _relay_backlog(options: Options, label: str, latency_ms: float, concurrency: int) -> Result:
     with Rig(options, label) as rig:
-        sandbox_url = rig.sandbox(rate_limited=False, latency_ms=latency_ms)
+        rig.start_sandbox(rate_limited=False, latency_ms=latency_ms)
         collector = rig.collect_events()
-        rig.publish_backlog(batch_delete_commands(options.commands))
-        (worker,) = rig.relay(sandbox_url, replicas=1, concurrency=concurrency, rate_limits={})
+        rig.publish_backlog(batch_deletes(options.commands))
+        (worker,) = rig.relay(replicas=1, concurrency=concurrency, rate_limits={})
         profiler = _profiler(rig, worker, label)
         result = _measure(rig, collector, [worker], options.commands)
         if profiler is not None:
-            result["profile"] = _stop_profiler(profiler)
+            result["profile"] = _stop_profiler(*profiler)
         return {"concurrency": concurrency, "vendor_latency_ms": latency_ms, **result}
 
 
 def raw_fast(options: Options) -> Result:
     """The raw anchor (bench/raw_anchor.py) on the same backlog and sandbox."""
     with Rig(options, "raw") as rig:
-        sandbox_url = rig.sandbox(rate_limited=False)
+        sandbox = rig.start_sandbox(rate_limited=False)
         collector = rig.collect_events()
-        rig.publish_backlog(batch_delete_commands(options.commands))
+        rig.publish_backlog(batch_deletes(options.commands))
         argv = [sys.executable, "-m", "bench.raw_anchor", options.amqp_url,
-                rig.topology.command_queue.name, rig.topology.events.name, sandbox_url,
+                rig.topology.command_queue.name, rig.topology.events.name, sandbox.base_url,
                 str(options.raw_prefetch)]
         worker = rig.procs.start("raw", argv)
         result = _measure(rig, collector, [worker], options.commands)
@@ -88,7 +84,8 @@ def _measure(rig: Rig, collector: EventCollector, workers: list[Proc], count: in
     check = rig.procs.check_alive
     give_up_at = time.monotonic() + rig.options.seconds
     skip = _skip(count)
-    watched = [*workers, rig.sandbox_proc]
+    assert rig.sandbox is not None
+    watched = [*workers, rig.sandbox.proc]
     collector.wait_for(skip + 1, rig.options.seconds, check)
     cpu_before = [p.cpu_s() or 0.0 for p in watched]
     complete = collector.wait_for(count, max(0.0, give_up_at - time.monotonic()), check)
@@ -100,7 +97,7 @@ def _measure(rig: Rig, collector: EventCollector, workers: list[Proc], count: in
         "events": len(times),
         "complete": complete,
         "per_s": steady_rate(times, skip),
-        "outcomes": outcomes(collector.arrivals),
+        "outcomes": collector.outcomes(),
         "cpu_ms_per_command": {
             p.name: round((after - before) * 1000 / counted, 3)
             for p, before, after in zip(watched, cpu_before, cpu_after, strict=True)
@@ -112,11 +109,11 @@ def _measure(rig: Rig, collector: EventCollector, workers: list[Proc], count: in
 def celery_fast(options: Options) -> Result:
     """The Celery anchor (bench/celery_anchor.py) on the same sandbox."""
     with Rig(options, "celery") as rig:
-        sandbox_url = rig.sandbox(rate_limited=False)
-        queue = celery_queue(f"bench.{rig.run_id}.celery")
+        sandbox = rig.start_sandbox(rate_limited=False)
+        queue = celery_queue(f"{rig.names.prefix}.celery")
         rig.extra_queues.append(queue)
         rig.extra_names = celery_delay_objects()
-        done_key = f"bench:{rig.run_id}:done"
+        done_key = f"{rig.names.prefix}:done"
         app = make_app(options.amqp_url, queue.name)
         with connect(options.amqp_url) as connection:
             queue.bind(connection.channel()).declare()
@@ -128,7 +125,7 @@ def celery_fast(options: Options) -> Result:
                               producer=producer)
         rig.wait_queue_depth(queue.name, options.commands)
         env = {**os.environ, "BENCH_AMQP_URL": options.amqp_url,
-               "BENCH_REDIS_URL": options.redis_url, "BENCH_SANDBOX_URL": sandbox_url,
+               "BENCH_REDIS_URL": options.redis_url, "BENCH_SANDBOX_URL": sandbox.base_url,
                "BENCH_CELERY_QUEUE": queue.name, "BENCH_DONE_KEY": done_key}
         argv = [sys.executable, "-m", "celery", "-A", "bench.celery_anchor", "worker",
                 "-P", options.celery_pool, "-c", str(options.celery_concurrency),
@@ -171,14 +168,14 @@ def rate_limited(options: Options) -> Result:
     """Several replicas sharing one ESET account's 10 calls/s through Redis."""
     count = int(ESET_LIMIT_PER_S * options.ratelimit_seconds)
     with Rig(options, "ratelimit") as rig:
-        sandbox_url = rig.sandbox(rate_limited=True)
+        sandbox = rig.start_sandbox(rate_limited=True)
         collector = rig.collect_events()
-        rig.publish_backlog(batch_delete_commands(count))
-        workers = rig.relay(sandbox_url, replicas=options.replicas,
-                            concurrency=options.concurrency, rate_limits={"eset": "10/second"})
+        rig.publish_backlog(batch_deletes(count))
+        workers = rig.relay(replicas=options.replicas, concurrency=options.concurrency,
+                            rate_limits=ESET_RATE_LIMITS)
         complete = collector.wait_for(count, options.ratelimit_seconds * 3 + 30,
                                       rig.procs.check_alive)
-        stats = httpx.get(f"{sandbox_url}/_sandbox/stats").json()
+        stats = sandbox.stats()
         rss = [p.peak_rss_mb() for p in workers]
         times = collector.times()
         statuses: dict[str, int] = stats["statuses"].get("eset.batch_delete", {})
@@ -200,7 +197,7 @@ def rate_limited(options: Options) -> Result:
              for n in accounts.values()),
             default=None,
         ),
-        "outcomes": outcomes(collector.arrivals),
+        "outcomes": collector.outcomes(),
         "peak_rss_mb": rss,
     }
 
@@ -208,15 +205,13 @@ def rate_limited(options: Options) -> Result:
 def latency(options: Options) -> Result:
     """One command at a time: publish → event arrival, minus the vendor's own time."""
     with Rig(options, "latency") as rig:
-        sandbox_url = rig.sandbox(rate_limited=False)
-        vendor_ms = _direct_call_ms(sandbox_url)
+        vendor_ms = _direct_call_ms(rig.start_sandbox(rate_limited=False).base_url)
         collector = rig.collect_events()
-        (worker,) = rig.relay(sandbox_url, replicas=1, concurrency=options.concurrency,
-                              rate_limits={})
+        (worker,) = rig.relay(replicas=1, concurrency=options.concurrency, rate_limits={})
         give_up_at = time.monotonic() + options.seconds
         samples_ms: list[float] = []
         stages: list[tuple[float, float, float]] = []
-        commands = batch_delete_commands(options.latency_commands + LATENCY_WARMUP)
+        commands = batch_deletes(options.latency_commands + LATENCY_WARMUP)
         with connect(options.amqp_url) as connection:
             producer = Producer(connection.channel())
             for index, command in enumerate(commands):
@@ -227,23 +222,23 @@ def latency(options: Options) -> Result:
                                                          rig.procs.check_alive):
                     break
                 if index >= LATENCY_WARMUP:
-                    arrived, body = collector.arrivals[index]
-                    samples_ms.append((arrived - sent) * 1000)
-                    stages.append(_stages(sent_at, body, collector.arrived_at[index]))
+                    delivery = collector.deliveries[index]
+                    samples_ms.append((delivery.arrived - sent) * 1000)
+                    stages.append(_stages(sent_at, delivery.body, delivery.arrived_at))
         rss = worker.peak_rss_mb()
     added = [s - vendor_ms for s in samples_ms]
     return {
         "commands": len(samples_ms),
         "vendor_ms_median": vendor_ms,
-        "publish_to_event_ms_p50": _percentile(samples_ms, 50),
-        "added_ms_p50": _percentile(added, 50),
-        "added_ms_p90": _percentile(added, 90),
-        "added_ms_p99": _percentile(added, 99),
+        "publish_to_event_ms_p50": percentile(samples_ms, 50),
+        "added_ms_p50": percentile(added, 50),
+        "added_ms_p90": percentile(added, 90),
+        "added_ms_p99": percentile(added, 99),
         # Medians of: publish → handler start, handler start → finish (vendor call
         # included), handler finish → event arrival; from the event's started_at and
         # finished_at (wall clock, same machine).
         "stages_ms_p50": {
-            name: _percentile([s[i] for s in stages], 50)
+            name: percentile([s[i] for s in stages], 50)
             for i, name in enumerate(("to_handler", "in_handler", "to_event"))
         },
         "peak_rss_mb": [rss],
@@ -272,13 +267,7 @@ def _direct_call_ms(sandbox_url: str, calls: int = 60) -> float:
     return statistics.median(times_ms)
 
 
-def _percentile(values: list[float], percent: int) -> float | None:
-    if len(values) < 2:
-        return values[0] if values else None
-    return statistics.quantiles(values, n=100, method="inclusive")[percent - 1]
-
-
-def _profiler(rig: Rig, worker: Proc, label: str) -> Proc | None:
+def _profiler(rig: Rig, worker: Proc, label: str) -> tuple[Proc, Path] | None:
     """py-spy on the replica, sampling only the thread holding the GIL (= Python CPU)."""
     base = rig.options.profile
     if base is None:
@@ -287,12 +276,10 @@ def _profiler(rig: Rig, worker: Proc, label: str) -> Proc | None:
     output = "raw" if path.suffix == ".txt" else "flamegraph"
     argv = ["py-spy", "record", "--pid", str(worker.pid), "--rate", "200", "--threads", "--gil",
             "--format", output, "-o", str(path)]
-    proc = rig.procs.start("py-spy", argv)
-    proc.output = path
-    return proc
+    return rig.procs.start("py-spy", argv), path
 
 
-def _stop_profiler(profiler: Proc) -> str:
+def _stop_profiler(profiler: Proc, path: Path) -> str:
     profiler.popen.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
     profiler.popen.wait(30)
-    return str(profiler.output)
+    return str(path)

@@ -1,4 +1,4 @@
-"""RabbitMQ from the outside, over pika: names, publishing, watching events, the outage.
+"""RabbitMQ from the outside, over pika: publishing, watching events, the outage.
 
 pika, not the worker's kombu, so the scenarios talk to the broker the way an outside
 playbook does.
@@ -15,7 +15,6 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -24,10 +23,10 @@ from typing import Any
 import pika
 import pika.exceptions
 
+from bench.rig.events import Deliver
+from bench.rig.names import Names
 from worker.broker.topology import Topology
-from worker.settings import Settings
 
-RECONNECT_PAUSE_S = 0.5
 CTL_TIMEOUT_S = 120.0
 # Errors after which a pika connection is gone and a new one is needed.
 CONNECTION_ERRORS = (pika.exceptions.AMQPError, OSError)
@@ -42,68 +41,6 @@ def pika_parameters(amqp_url: str) -> pika.URLParameters:
     parameters.socket_timeout = 5
     parameters.blocked_connection_timeout = 30
     return parameters
-
-
-@dataclass(frozen=True)
-class Names:
-    """Unique broker names for one scenario; everything starts with ``prefix``."""
-
-    prefix: str
-
-    @classmethod
-    def unique(cls, scenario: str) -> Names:
-        return cls(f"chaos.{scenario}.{uuid.uuid4().hex[:8]}")
-
-    @property
-    def command_exchange(self) -> str:
-        return f"{self.prefix}.commands"
-
-    @property
-    def command_queue(self) -> str:
-        return f"{self.prefix}.commands"
-
-    @property
-    def event_exchange(self) -> str:
-        return f"{self.prefix}.events"
-
-    @property
-    def dead_letter_queue(self) -> str:
-        return f"{self.prefix}.commands.dead"
-
-    @property
-    def observed_events(self) -> str:
-        """The queue the scenario collects every result event in."""
-        return f"{self.prefix}.observed-events"
-
-    @property
-    def replies(self) -> str:
-        """The ``reply_to`` queue of messages a scenario follows by ``correlation_id``
-        (the worker answers on reply queues named ``relay.replies.…`` only)."""
-        return f"relay.replies.{self.prefix}"
-
-    @property
-    def lane_queue_prefix(self) -> str:
-        """The prefix of the worker's lanes (``RELAY_LANE_QUEUE_PREFIX``)."""
-        return f"{self.prefix}.lane."
-
-    def lane_queue(self, vendor: str, tenant: str) -> str:
-        """The lane of ``tenant``'s account at a rate-limited ``vendor``."""
-        return f"{self.lane_queue_prefix}{vendor}.{tenant}"
-
-    def delay_queues(self) -> list[str]:
-        """The worker's delay queues with its default delays (retries and deferrals)."""
-        defaults = Settings()
-        delays_s = {*defaults.retry_delays_s, defaults.defer_delay_s}
-        return [f"{self.command_queue}.delay.{round(d * 1000)}ms" for d in sorted(delays_s)]
-
-    def worker_env(self) -> dict[str, str]:
-        return {
-            "RELAY_COMMAND_EXCHANGE": self.command_exchange,
-            "RELAY_COMMAND_QUEUE": self.command_queue,
-            "RELAY_EVENT_EXCHANGE": self.event_exchange,
-            "RELAY_DEAD_LETTER_QUEUE": self.dead_letter_queue,
-            "RELAY_LANE_QUEUE_PREFIX": self.lane_queue_prefix,
-        }
 
 
 class Admin:
@@ -169,11 +106,15 @@ class Admin:
             pass
         return taken
 
-    def delete_everything(self, ctl: RabbitCtl | None, lanes: Iterable[str] = ()) -> None:
-        """Delete the scenario's queues and exchanges, also those the worker derives from
-        its settings (delay queues), its ``lanes`` and, with ``ctl``, any other under the
-        prefix."""
-        queues = {self.names.observed_events, self.names.replies, *self._worker_queues(), *lanes}
+    def delete_everything(self, ctl: RabbitCtl | None, topology: Topology) -> None:
+        """Delete the scenario's queues and exchanges: its own, those of the replicas'
+        ``topology`` (delay queues and lanes included) and, with ``ctl``, any other under
+        the prefix."""
+        queues = {
+            self.names.observed_events,
+            self.names.replies,
+            *(queue.name for queue in topology.queues),
+        }
         exchanges = {self.names.command_exchange, self.names.event_exchange}
         if ctl is not None:
             queues |= set(ctl.names("list_queues", self.names.prefix))
@@ -183,16 +124,6 @@ class Admin:
                 channel.queue_delete(queue)
             for exchange in sorted(exchanges):
                 channel.exchange_delete(exchange)
-
-    def _worker_queues(self) -> set[str]:
-        """The queues the worker declares with the scenario's names and default settings."""
-        names: dict[str, Any] = {
-            k.removeprefix("RELAY_").lower(): v for k, v in self.names.worker_env().items()
-        }
-        topology = Topology.from_settings(Settings(broker_url=self.amqp_url, **names))
-        queues = {topology.command_queue.name, topology.dead_letter_queue.name}
-        delay_queues: dict[float, Any] = getattr(topology, "delay_queues", {})
-        return queues | {queue.name for queue in delay_queues.values()}
 
 
 @dataclass(frozen=True)
@@ -353,125 +284,27 @@ def publish_in_parallel(
         raise errors[0]
 
 
-@dataclass(frozen=True)
-class SeenEvent:
-    event_id: str
-    command_id: str
-    idempotency_key: str
-    outcome: str
-    replayed: bool
-    error_code: str | None
-    attempts: int | None
-    response_id: str | None  # ESET's, when the first answer was a 202
-
-    @classmethod
-    def from_body(cls, body: bytes) -> SeenEvent:
-        event = json.loads(body)
-        data = event["data"]
-        error = data.get("error") or {}
-        vendor = data.get("vendor") or {}
-        return cls(
-            event_id=event["id"],
-            command_id=data["command_id"],
-            idempotency_key=data["idempotency_key"],
-            outcome=data["outcome"],
-            replayed=bool(data.get("replayed")),
-            error_code=error.get("code"),
-            attempts=data.get("attempts"),
-            response_id=vendor.get("response_id"),
-        )
-
-
-class EventCollector:
-    """Consumes the observer queue on a thread of its own, reconnecting when the broker
-    goes away; events redelivered after a reconnect are counted once (by event id)."""
-
-    # Errors after which consuming starts again on a new connection.
-    errors: tuple[type[BaseException], ...] = CONNECTION_ERRORS
-
-    def __init__(self, url: str, queue: str) -> None:
-        self._url = url
-        self._queue = queue
-        self._lock = threading.Lock()
-        self._events: dict[str, SeenEvent] = {}
-        self._by_command: dict[str, list[SeenEvent]] = {}
-        self._by_correlation: dict[str, list[SeenEvent]] = {}
-        self._first_seen: dict[str, float] = {}  # command id -> monotonic time
-        self.reconnects = 0
-        self.undecodable = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="event-collector", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._consume()
-            except self.errors:
-                self.reconnects += 1
-                self._stop.wait(RECONNECT_PAUSE_S)
-
-    def _consume(self) -> None:
-        connection = pika.BlockingConnection(pika_parameters(self._url))
-        try:
-            channel = connection.channel()
-            channel.basic_qos(prefetch_count=1000)
-            for method, properties, body in channel.consume(self._queue, inactivity_timeout=0.2):
-                if self._stop.is_set():
-                    break
-                if method is None:
-                    continue
-                self._add(body, getattr(properties, "correlation_id", None))
-                channel.basic_ack(method.delivery_tag)
-        finally:
-            with suppress(*CONNECTION_ERRORS):
-                connection.close()
-
-    def _add(self, body: bytes, correlation_id: object = None) -> None:
-        try:
-            seen = SeenEvent.from_body(body)
-        except (ValueError, KeyError, TypeError):
-            with self._lock:
-                self.undecodable += 1
-            return
-        with self._lock:
-            if seen.event_id in self._events:
-                return
-            self._events[seen.event_id] = seen
-            self._by_command.setdefault(seen.command_id, []).append(seen)
-            self._first_seen.setdefault(seen.command_id, time.monotonic())
-            if isinstance(correlation_id, str):
-                self._by_correlation.setdefault(correlation_id, []).append(seen)
-
-    def answered(self, command_ids: Iterable[str]) -> int:
-        """How many of ``command_ids`` have at least one event."""
-        with self._lock:
-            return sum(1 for command_id in command_ids if command_id in self._by_command)
-
-    def by_command(self) -> dict[str, list[SeenEvent]]:
-        with self._lock:
-            return {command_id: list(seen) for command_id, seen in self._by_command.items()}
-
-    def by_correlation(self) -> dict[str, list[SeenEvent]]:
-        """Events by the ``correlation_id`` they arrived with (reply queues)."""
-        with self._lock:
-            return {key: list(seen) for key, seen in self._by_correlation.items()}
-
-    def first_seen(self) -> dict[str, float]:
-        """When (``time.monotonic()``) the first event of each command id arrived."""
-        with self._lock:
-            return dict(self._first_seen)
-
-    @property
-    def count(self) -> int:
-        with self._lock:
-            return len(self._events)
+def consume_over_pika(
+    amqp_url: str, queue: str, deliver: Deliver, ready: Callable[[], None], stop: threading.Event
+) -> None:
+    """Consume ``queue`` with acknowledgements, as a playbook would, so that what arrived
+    while the broker was away is delivered after a reconnect (a
+    :data:`~bench.rig.events.Consume`, once its first two arguments are given)."""
+    connection = pika.BlockingConnection(pika_parameters(amqp_url))
+    try:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=1000)
+        ready()
+        for method, properties, body in channel.consume(queue, inactivity_timeout=0.2):
+            if stop.is_set():
+                break
+            if method is None:
+                continue
+            deliver(body, getattr(properties, "correlation_id", None))
+            channel.basic_ack(method.delivery_tag)
+    finally:
+        with suppress(*CONNECTION_ERRORS):
+            connection.close()
 
 
 class RabbitCtl:

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import os
-from typing import Protocol
 
 import pytest
 
 from .figures import Figures
-
-
-class Diagnosed(Protocol):
-    def diagnostics(self) -> str: ...
+from .scenario import ScenarioRig
 
 
 class DoubleEffects(AssertionError):
     """Raised when some key's vendor effect was applied more than once."""
 
 
-def assert_clean(figures: Figures, rig: Diagnosed, *, all_succeed: bool = False) -> None:
+def assert_clean(figures: Figures, rig: ScenarioRig, *, all_succeed: bool = False) -> None:
     """Every command answered, duplicates replayed, no key executed twice, no crash."""
     problems = figures.problems(all_succeed=all_succeed)
     assert not problems, f"{'; '.join(problems)}\n{figures.summary()}\n{rig.diagnostics()}"
@@ -33,7 +29,7 @@ def assert_single_effects(figures: Figures) -> None:
         )
 
 
-def assert_no_crashes(figures: Figures, rig: Diagnosed) -> None:
+def assert_no_crashes(figures: Figures, rig: ScenarioRig) -> None:
     assert figures.extra["crashes"] == 0, f"replicas died on their own\n{rig.diagnostics()}"
     codes = figures.extra["exit_codes_at_end"]
     assert set(codes) == {0}, f"replicas did not stop cleanly: {codes}\n{rig.diagnostics()}"

@@ -16,79 +16,61 @@ and events are found there by command id or ``correlation_id``.
 from __future__ import annotations
 
 import json
-import os
+import threading
 import time
 from collections.abc import Callable
-from contextlib import suppress
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from kombu import Connection, Producer
 
-from .broker import EventCollector, Names, Publishable, RawMessage
-from .figures import Figures, Workload, closing_figures
-from .poison import DeadLetter
-from .processes import Fleet, SandboxProcess, diagnostics, tenants_json
+from bench.rig.events import Deliver
 
-POLL_S = 0.1
-SETTLE_S = 1.0
+from .broker import Publishable, RawMessage
+from .poison import DeadLetter
+from .scenario import ScenarioRig
+
 PERSISTENT = 2
 
 
-class KombuEventCollector(EventCollector):
-    """:class:`EventCollector` polling a queue of the embedded broker."""
+def poll(
+    url: str, queue: str, deliver: Deliver, ready: Callable[[], None], stop: threading.Event
+) -> None:
+    """Take what ``queue`` holds every 50 ms (a :data:`~bench.rig.events.Consume`, once its
+    first two arguments are given)."""
+    with Connection(url) as connection:
+        channel = connection.default_channel
+        ready()
+        while not stop.is_set():
+            message = channel.basic_get(queue, no_ack=True)
+            if message is None:
+                stop.wait(0.05)
+                continue
+            deliver(message.body, message.properties.get("correlation_id"))
 
-    errors = (Exception,)  # SQLite "database is locked" and the like: poll again
 
-    def _consume(self) -> None:
-        with Connection(self._url) as connection:
-            channel = connection.default_channel
-            while not self._stop.is_set():
-                message = channel.basic_get(self._queue, no_ack=True)
-                if message is None:
-                    self._stop.wait(0.05)
-                    continue
-                self._add(message.body, message.properties.get("correlation_id"))
-
-
-class EmbeddedRig:
+class EmbeddedRig(ScenarioRig):
     def __init__(self, scenario: str, log_dir: Path) -> None:
-        self.scenario = scenario
-        self.log_dir = log_dir
-        self.names = Names.unique(scenario)
-        self.broker_url = f"sqla+sqlite:///{log_dir / 'broker.sqlite3'}"
-        self.idempotency_url = f"sqlite:///{log_dir / 'idempotency.sqlite3'}"
-        self.sandbox: SandboxProcess | None = None
-        self.fleet: Fleet | None = None
-        self.collector: KombuEventCollector | None = None
-        self.started_at = 0.0
-        self.answered_at: float | None = None
-        self.extra: dict[str, Any] = {}
-
-    @property
-    def replies(self) -> KombuEventCollector | None:
-        return self.collector
+        super().__init__(
+            scenario,
+            log_dir,
+            f"sqla+sqlite:///{log_dir / 'broker.sqlite3'}",
+            store_url=f"sqlite:///{log_dir / 'idempotency.sqlite3'}",
+            rate_limit_url="memory://",
+        )
 
     def start(self, *, replicas: int, claim_lease_s: float = 30.0, **settings: str) -> None:
-        self.sandbox = SandboxProcess(self.log_dir, rate_limited=False)
-        env = {
-            **self.names.worker_env(),
-            "RELAY_BROKER_URL": self.broker_url,
-            "RELAY_IDEMPOTENCY_URL": self.idempotency_url,
-            "RELAY_RATE_LIMIT_URL": "memory://",
-            "RELAY_RATE_LIMITS": "{}",
-            "RELAY_ESET_HOST_TEMPLATE": f"{self.sandbox.base_url}/eset/{{region}}/{{service}}",
-            "RELAY_TENANTS": tenants_json(self.sandbox.base_url),
-            "RELAY_RETRY_INITIAL_WAIT_S": "0.05",
-            "RELAY_COLLECT_INTERVAL_S": "0.1",
-            "RELAY_CLAIM_LEASE_S": str(claim_lease_s),
-            "RELAY_LOG_LEVEL": os.environ.get("CHAOS_LOG_LEVEL", "WARNING"),
-            "RELAY_LOG_FORMAT": "json",
-            **settings,
-        }
-        self.fleet = Fleet(env, self.log_dir, replicas)
-        self.collector = KombuEventCollector(self.broker_url, self.names.replies)
-        self.collector.start()
+        self._start_replicas(
+            replicas,
+            rate_limited=False,
+            tenants=(),
+            claim_lease_s=claim_lease_s,
+            settings=settings,
+        )
+        # Any error (SQLite's "database is locked" and the like): poll again.
+        consume = partial(poll, self.broker_url, self.names.replies)
+        self.collector = self.collect(consume, reconnect_on=(Exception,))
 
     def publish_items(self, items: list[Publishable]) -> None:
         """Each item, in order, straight to the command queue, with ``reply_to`` (unless a
@@ -117,37 +99,6 @@ class EmbeddedRig:
             "reply_to": self.names.replies,
         }
 
-    @property
-    def elapsed_s(self) -> float:
-        return time.monotonic() - self.started_at
-
-    def answered(self, workload: Workload) -> int:
-        assert self.collector is not None
-        return self.collector.answered(workload.command_ids)
-
-    def run_until(self, done: Callable[[], bool], timeout_s: float) -> bool:
-        """Until ``done()`` (True) or ``timeout_s`` after publishing started; replicas
-        that die on their own are started again (and counted as crashes)."""
-        assert self.fleet is not None
-        give_up_at = self.started_at + timeout_s
-        while time.monotonic() < give_up_at:
-            self.fleet.check_alive()
-            if done():
-                self.answered_at = time.monotonic()
-                return True
-            time.sleep(POLL_S)
-        return False
-
-    def finish(self, workload: Workload) -> Figures:
-        """Let late events arrive, stop the replicas (SIGTERM), and compute the figures."""
-        assert self.fleet is not None and self.sandbox is not None and self.collector is not None
-        duration_s = (self.answered_at or time.monotonic()) - self.started_at
-        time.sleep(SETTLE_S)
-        return closing_figures(
-            self.scenario, workload, self.fleet, self.collector, self.sandbox, duration_s,
-            self.extra,
-        )
-
     def dead_letters(self) -> list[DeadLetter]:
         """Everything in the dead-letter queue (taken out)."""
         letters = []
@@ -165,17 +116,3 @@ class EmbeddedRig:
                     )
                 )
         return letters
-
-    def diagnostics(self) -> str:
-        """Log tails of the replicas and the sandbox, for a failure message."""
-        return diagnostics(self.fleet, self.sandbox, self.log_dir)
-
-    def close(self) -> None:
-        if self.collector is not None:
-            self.collector.stop()
-        if self.fleet is not None:
-            for proc in self.fleet.procs:
-                with suppress(Exception):
-                    proc.kill()
-        if self.sandbox is not None:
-            self.sandbox.close()

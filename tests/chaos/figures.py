@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .broker import EventCollector, SeenEvent
-from .processes import Fleet, SandboxProcess
+from bench.rig.events import SeenEvent
 
 EFFECT_ROUTE = "eset.batch_delete"
 
@@ -239,25 +238,3 @@ def compute(
         figures.extra["without_terminal_sample"] = unanswered
     return figures
 
-
-def closing_figures(
-    scenario: str,
-    workload: Workload,
-    fleet: Fleet,
-    collector: EventCollector,
-    sandbox: SandboxProcess,
-    duration_s: float,
-    extra: dict[str, Any],
-) -> Figures:
-    """Stop the replicas (SIGTERM; a replica found dead counts as a crash) and compute the
-    scenario's figures, with ``extra`` and what the collector noticed."""
-    fleet.check_alive()
-    extra["exit_codes_at_end"] = fleet.close()
-    extra["crashes"] = len(fleet.crashes)
-    figures = compute(scenario, workload, collector.by_command(), sandbox.stats(), duration_s)
-    figures.extra.update(extra)
-    if collector.reconnects:
-        figures.extra["observer_reconnects"] = collector.reconnects
-    if collector.undecodable:
-        figures.extra["undecodable_events"] = collector.undecodable
-    return figures

@@ -23,7 +23,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .broker import Publishable, RawMessage, SeenEvent
+from bench.rig.events import SeenEvent
+
+from .broker import Publishable, RawMessage
 
 REJECTED = frozenset({"rejected"})
 RUN_OR_REJECTED = frozenset({"succeeded", "rejected"})

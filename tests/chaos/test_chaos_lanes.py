@@ -40,7 +40,6 @@ import pytest
 from .checks import assert_clean, assert_single_effects, missing
 from .conftest import Report
 from .figures import EFFECT_ROUTE, Workload, batch_deletes
-from .processes import eset_sub_account
 from .rig import ChaosRig
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
@@ -222,7 +221,7 @@ def test_flooded_account_through_kills_and_a_rabbitmq_restart(rig: ChaosRig, rep
         rate_limited=True,
         concurrency=CONCURRENCY,
         claim_lease_s=LEASE_S,
-        eset_users={tenant: eset_sub_account(tenant) for tenant in (FLOOD, QUIET)},
+        tenants=(FLOOD, QUIET),
     )
     flood = batch_deletes(
         FLOOD_KEYS, duplicate_share=DUPLICATE_SHARE, deadline_s=DEADLINE_S, tenant=FLOOD

@@ -15,11 +15,11 @@ import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
 
 import pytest
 
-from .broker import SeenEvent
+from bench.rig.events import EventCollector, SeenEvent
+
 from .conftest import Report
 from .embedded import EmbeddedRig
 from .figures import EFFECT_ROUTE, Figures, Workload, batch_deletes
@@ -34,12 +34,6 @@ DUPLICATE_SHARE = 0.1
 DEADLINE_S = 180.0
 LEASE_S = 3.0  # a replica the poison kills leaves claims behind: taken over within the run
 ANSWER_TIMEOUT_S = 90.0
-
-
-class Events(Protocol):
-    def by_correlation(self) -> dict[str, list[SeenEvent]]: ...
-
-    def by_command(self) -> dict[str, list[SeenEvent]]: ...
 
 
 @pytest.fixture
@@ -126,8 +120,8 @@ def verdict(
     figures: Figures,
     workload: Workload,
     poisons: list[Poison],
-    replies: Events,
-    events: Events,
+    replies: EventCollector,
+    events: EventCollector,
     letters: list[DeadLetter],
     effects: dict[str, int],
 ) -> list[str]:

@@ -25,7 +25,7 @@ import pytest
 from .checks import missing
 from .conftest import Report
 from .figures import EFFECT_ROUTE, Figures, Workload, batch_deletes
-from .processes import RedisServer
+from .redis_server import RedisServer
 from .rig import ChaosRig
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
