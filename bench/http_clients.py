@@ -27,6 +27,7 @@ from bench.rig.procs import Procs
 from bench.rig.sandbox import SandboxProcess
 from bench.vendor import batch_delete_url, eset_authorization
 from worker.runtime import new_event_loop
+from worker.settings import Settings
 from worker.vendors.transport import VendorClient
 
 BODY = {"objectUuids": ["8f5c2f3e-0000-4000-8000-000000000001"]}
@@ -60,7 +61,7 @@ async def run(url: str, headers: dict[str, str], requests: int, concurrency: int
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     plain = httpx.AsyncClient(limits=limits, timeout=10)
     over_aiohttp = httpx.AsyncClient(transport=AiohttpTransport(limits=limits), timeout=10)
-    vendor = VendorClient(concurrency, 10)
+    vendor = VendorClient(concurrency, 10, None, Settings().max_response_bytes)
 
     async def with_client(client: httpx.AsyncClient, target: str) -> int:
         return (await client.post(target, json=BODY, headers=headers)).status_code

@@ -38,8 +38,8 @@ class VendorClient:
         self,
         connections: int,
         timeout_s: float,
-        transport: httpx.AsyncBaseTransport | None = None,
-        max_body_bytes: int = 4 * 1024 * 1024,
+        transport: httpx.AsyncBaseTransport | None,
+        max_body_bytes: int,
     ) -> None:
         """``transport`` lets tests swap the network; the aiohttp session behind the
         default one is made on first use, inside the handler loop. An answer's body is
