@@ -36,9 +36,11 @@ class FlakyStore(SqliteStore):
             self.refused += 1
             raise StoreUnavailable("idempotency", ConnectionRefusedError())
 
-    async def claim(self, key: str, fingerprint: str, owner: str) -> ClaimResult:
+    async def claim(
+        self, key: str, fingerprint: str, owner: str, command_id: str | None = None
+    ) -> ClaimResult:
         self._away()
-        return await super().claim(key, fingerprint, owner)
+        return await super().claim(key, fingerprint, owner, command_id)
 
     async def complete(self, key: str, owner: str, event: ResultEvent) -> None:
         self._away()

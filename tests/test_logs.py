@@ -40,3 +40,28 @@ def test_exception_text_is_redacted_too():
     output = stream.getvalue()
     assert "vendor call failed" in output and "RuntimeError" in output
     assert not any(secret in output for secret in SECRETS)
+
+
+def test_a_text_line_carries_the_commands_fields_and_a_hostile_id_can_not_forge_a_line():
+    from worker.ops.logs import handler_for
+
+    stream = io.StringIO()
+    logger = logging.getLogger("test.fields")
+    logger.addHandler(handler_for("text", stream))
+    logger.setLevel(logging.INFO)
+    try:
+        logger.info("command %s", "failed", extra={
+            "command_id": "id-1\n2026-01-01 INFO forged: line", "idempotency_key": "key-1",
+            "command_type": "cancel-task", "tenant": "default", "outcome": "failed",
+            "error_code": "vendor_rejected", "attempts": 2,
+        })
+        logger.info("command succeeded", extra={"command_id": "id-2", "idempotency_key": "id-2"})
+    finally:
+        logger.handlers.clear()
+    first, second = stream.getvalue().splitlines()
+    assert first.endswith(
+        'command failed command_id="id-1\\n2026-01-01 INFO forged: line" idempotency_key=key-1 '
+        "command_type=cancel-task tenant=default outcome=failed error_code=vendor_rejected "
+        "attempts=2"
+    )
+    assert second.endswith("command succeeded command_id=id-2")  # the key only when not the id

@@ -81,19 +81,22 @@ class Handler:
             call = self._vendors.call_for(command)  # tenant, account and region, checked once
         except CommandRejected as error:
             return await self._store_rejection(
-                _digest(command), self._rejected(command, error)
+                rejection_digest(command), self._rejected(command, error)
             )
         deadline = self._budget_deadline(command)
         while True:
             holder = self._new_holder()
             claim = await self._held_through_outage(
-                partial(self._store.claim, command.key, fingerprint(command), holder)
+                partial(self._store.claim, command.key, fingerprint(command), holder,
+                        command.command_id)
             )
             match claim:
                 case Completed(event=stored):
                     return Settlement.for_event(replay_for(command.command_id, stored))
                 case Conflict():
-                    return await self._store_rejection(_digest(command), self._conflict(command))
+                    return await self._store_rejection(
+                        rejection_digest(command), self._conflict(command)
+                    )
                 case Claimed(after_send=True, response_id=None) if call.request.is_mutation:
                     return await self._after_dead_holder(command, holder)
                 case Claimed(response_id=response_id):
@@ -361,7 +364,7 @@ def replay_for(command_id: str, stored: ResultEvent) -> ResultEvent:
     return replay.model_copy(update={"data": data, "subject": command_id})
 
 
-def _digest(command: Command) -> str:
+def rejection_digest(command: Command) -> str:
     """What makes a rejected command the same message again: its id and its content."""
     return hashlib.sha256(f"{command.command_id}\0{fingerprint(command)}".encode()).hexdigest()
 

@@ -6,15 +6,24 @@ of the ESET account of tenant ``default``. Secrets are ``SecretStr`` so they nev
 The one source of every default: components take their group (:attr:`Settings.consumer`,
 :attr:`Settings.handler_timings`, :attr:`Settings.retry`) and declare none of their own;
 the rules that derive one setting from others live here too.
+
+Tenant names are case-insensitive: they are kept in lower case (``RELAY_TENANTS__ACME__…``
+configures ``acme``), and a command naming ``ACME`` or ``Acme`` finds it.
+
+Without a broker or idempotency URL, the embedded SQLite files live in the user's data
+directory (``~/.local/share/command-relay`` on Linux, see :func:`data_dir`), whatever the
+working directory, so ``run`` and ``send`` started anywhere meet on the same broker.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar, overload
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+import platformdirs
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.commands import MAX_OBJECTS_PER_BATCH
@@ -23,6 +32,23 @@ EsetRegion = Literal["eu", "de", "us", "ca", "jpn"]
 AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
 HEARTBEAT_S = 30  # AMQP heartbeats: a dead connection is noticed within about twice this
 DEFER_POLL_S = 0.5  # without delay queues: how often a duplicate of running work looks again
+APP_NAME = "command-relay"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+T = TypeVar("T")
+
+
+def data_dir() -> Path:
+    """Where the embedded defaults keep their SQLite files: the user's data directory
+    (``$XDG_DATA_HOME/command-relay``, by default ``~/.local/share/command-relay``)."""
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+
+
+def _default_broker_url() -> str:
+    return f"sqla+sqlite:///{data_dir() / 'broker.sqlite3'}"
+
+
+def _default_idempotency_url() -> str:
+    return f"sqlite:///{data_dir() / 'idempotency.sqlite3'}"
 
 
 @dataclass(frozen=True)
@@ -112,6 +138,48 @@ class Tenant(_Account):
     fylr: FylrAccount | None = None
     spaaza: SpaazaAccount | None = None
 
+    @property
+    def vendors(self) -> list[str]:
+        """The vendors it has an account of."""
+        return [name for name in ("eset", "fylr", "spaaza") if getattr(self, name) is not None]
+
+
+class TenantMap(dict[str, Tenant]):
+    """Tenants by name, kept in lower case and found whatever the case of the name asked
+    for: a command naming ``ACME`` gets the tenant configured as ``RELAY_TENANTS__ACME__…``
+    (environment names are case-insensitive) or as ``"Acme"`` in ``RELAY_TENANTS``."""
+
+    def __missing__(self, name: str) -> Tenant:
+        lowered = name.lower()
+        if lowered == name:
+            raise KeyError(name)
+        return self[lowered]
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name.lower() if isinstance(name, str) else name)
+
+    @overload
+    def get(self, name: str, default: None = None, /) -> Tenant | None: ...
+    @overload
+    def get(self, name: str, default: Tenant, /) -> Tenant: ...
+    @overload
+    def get(self, name: str, default: T, /) -> Tenant | T: ...
+    def get(self, name: str, default: object = None, /) -> object:
+        return super().get(name.lower(), default)
+
+
+def _tenant_map(tenants: dict[str, Tenant]) -> TenantMap:
+    mapped = TenantMap()
+    for name, tenant in tenants.items():
+        lowered = name.lower()
+        if dict.__contains__(mapped, lowered):
+            raise ValueError(
+                f"two tenants differ only in case ({lowered!r}); tenant names are "
+                "case-insensitive: merge them or rename one"
+            )
+        mapped[lowered] = tenant
+    return mapped
+
 
 class Settings(BaseSettings):
     """Every setting of the worker; the README's configuration table lists them."""
@@ -120,8 +188,9 @@ class Settings(BaseSettings):
         env_prefix="RELAY_", env_nested_delimiter="__", frozen=True, extra="ignore"
     )
 
-    # Broker: sqla+sqlite:// is the embedded default; amqp:// selects RabbitMQ.
-    broker_url: str = "sqla+sqlite:///.relay/broker.sqlite3"
+    # Broker: sqla+sqlite:// is the embedded default (in the user's data directory);
+    # amqp:// selects RabbitMQ.
+    broker_url: str = Field(default_factory=_default_broker_url)
     command_exchange: str = "relay.commands"
     command_queue: str = "relay.commands"
     event_exchange: str = "relay.events"
@@ -152,8 +221,8 @@ class Settings(BaseSettings):
     # server-named amq.gen-*, RabbitMQ's direct reply-to, and the client's own replies).
     reply_to_prefixes: tuple[str, ...] = ("relay.replies.", "amq.gen-", "amq.rabbitmq.reply-to")
 
-    # Idempotency store: sqlite:///path (default) or redis://…
-    idempotency_url: str = "sqlite:///.relay/idempotency.sqlite3"
+    # Idempotency store: sqlite:///path (default: in the user's data directory) or redis://…
+    idempotency_url: str = Field(default_factory=_default_idempotency_url)
     idempotency_retention_s: float = Field(default=24 * 3600, gt=0)
     # A holder renews its claim every third of this; a claim not renewed for this long
     # (its holder died) is taken over.
@@ -195,8 +264,37 @@ class Settings(BaseSettings):
     health_host: str = "0.0.0.0"
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
+    # A log line of counts (commands done by outcome, in flight, dead-lettered) this
+    # often; 0: none.
+    stats_interval_s: float = Field(default=60, ge=0)
 
-    tenants: dict[str, Tenant] = {}
+    tenants: Annotated[dict[str, Tenant], AfterValidator(_tenant_map)] = Field(
+        default_factory=TenantMap
+    )
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, level: str) -> str:
+        if level.upper() not in LOG_LEVELS:
+            raise ValueError(f"should be one of {', '.join(LOG_LEVELS)}")
+        return level.upper()
+
+    @property
+    def result_wait_s(self) -> float:
+        """How long a command's result may take when every call of it fails transiently:
+        each delivery's retries (with the last call's timeout) and, on RabbitMQ, the
+        waits of the delay queues between deliveries. ``send --wait`` waits this long."""
+        backoff_s = sum(
+            min(self.retry_max_wait_s, self.retry_initial_wait_s * (1 << attempt))
+            for attempt in range(self.retry_max_attempts - 1)
+        )
+        delivery_s = min(
+            self.command_timeout_s, backoff_s + self.retry_max_attempts * self.http_timeout_s
+        )
+        delays = self.handler_timings.retry_delays_s
+        if delays:  # a delivery backs off in process this long, then a delay queue waits
+            delivery_s = min(delivery_s, self.retry_in_process_s + self.http_timeout_s)
+        return (len(delays) + 1) * delivery_s + sum(delays)
 
     @property
     def uses_rabbitmq(self) -> bool:

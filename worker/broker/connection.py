@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+from pathlib import Path
 from typing import Any
 
 from amqp import serialization
@@ -11,9 +12,17 @@ from kombu import Connection
 
 from worker.settings import AMQP_SCHEMES
 
+EMBEDDED_SCHEME = "sqla+sqlite:///"
+
 
 def is_amqp(url: str) -> bool:
     return url.startswith(AMQP_SCHEMES)
+
+
+def embedded_path(url: str) -> Path | None:
+    """The file of an embedded (SQLite) broker URL; None for any other."""
+    path = url.removeprefix(EMBEDDED_SCHEME)
+    return Path(path) if url.startswith(EMBEDDED_SCHEME) and path else None
 
 
 def connect(
@@ -33,6 +42,9 @@ def connect(
     if is_amqp(url):
         options = {"confirm_publish": wait_for_confirms}
         return Connection(url, transport_options=options, heartbeat=heartbeat_s)
+    path = embedded_path(url)
+    if path is not None:  # SQLite creates the file, not the directory it goes in
+        path.parent.mkdir(parents=True, exist_ok=True)
     connection = Connection(url)
     # The SQLAlchemy transport hands its transport options to create_engine, so the
     # polling interval is set on the transport itself.

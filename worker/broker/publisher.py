@@ -24,6 +24,7 @@ from worker.ops.telemetry import messaging_attributes, trace_headers
 
 PERSISTENT = 2
 DEFAULT_EXCHANGE = "amq.default"  # the conventions' name for RabbitMQ's nameless exchange
+MAX_HEADER_MESSAGE_CHARS = 300  # of an error's message, kept with a dead letter
 
 
 class Publisher:
@@ -56,10 +57,13 @@ class Publisher:
         """Keep the original message, with why it is here, in the dead-letter queue."""
         headers = _forwardable(command.headers)
         headers["x-relay-reason"] = reason
+        headers["x-relay-dead-lettered-at"] = time.time()  # its age, for `dlq list`
         if event is not None:
             headers["x-relay-event-id"] = event.id
             if event.data.error is not None:
                 headers["x-relay-error-code"] = str(event.data.error.code)
+                message = event.data.error.message
+                headers["x-relay-error-message"] = message[:MAX_HEADER_MESSAGE_CHARS]
         self._forward(command, self._topology.dead_letter_queue.name, headers)
 
     def delay(self, command: Message, queue: str, retries: int, attempts: int) -> None:

@@ -76,7 +76,8 @@ class Topology:
         """The lane a command from the command queue goes to; None: handled from there."""
         if isinstance(decoded, Rejected):
             return None
-        return self.lanes.get((vendor_of(decoded), decoded.tenant))
+        # Tenant names are case-insensitive; configured ones are kept in lower case.
+        return self.lanes.get((vendor_of(decoded), decoded.tenant.lower()))
 
     @property
     def queues(self) -> list[Queue]:

@@ -13,6 +13,7 @@ from worker.idempotency.store import (
     Conflict,
     IdempotencyStore,
     InProgress,
+    StoredRecord,
     fingerprint,
 )
 
@@ -24,16 +25,21 @@ __all__ = [
     "IdempotencyStore",
     "InProgress",
     "SqliteStore",
+    "StoredRecord",
     "fingerprint",
     "open_store",
 ]
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+SQLITE_SCHEME = "sqlite:///"
+
+
 def open_store(url: str, lease_s: float, retention_s: float) -> IdempotencyStore:
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(REDIS_SCHEMES):
         from worker.idempotency.redis import RedisStore  # the redis extra: a fleet only
 
         return RedisStore(url, lease_s, retention_s)
-    if url.startswith("sqlite:///"):
-        return SqliteStore(Path(url.removeprefix("sqlite:///")), lease_s, retention_s)
+    if url.startswith(SQLITE_SCHEME):
+        return SqliteStore(Path(url.removeprefix(SQLITE_SCHEME)), lease_s, retention_s)
     raise ValueError(f"unsupported idempotency store URL {url!r}: use sqlite:/// or redis://")

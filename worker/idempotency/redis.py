@@ -1,7 +1,8 @@
 """The Redis backend of the idempotency store, for a fleet of replicas.
 
 One hash per key; the claim is a Lua script so that read-decide-write is one atomic step
-on the server. Keys expire after the retention period (``PEXPIRE``).
+on the server. Keys expire after the retention period (``PEXPIRE``), and so does the key
+of each command id (a string under ``relay:command-id:``), set by the same scripts.
 """
 
 from __future__ import annotations
@@ -17,20 +18,26 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from schemas.events import ResultEvent
 from worker.errors import StoreUnavailable
 from worker.idempotency.batch import ScriptBatcher
-from worker.idempotency.store import Claimed, ClaimResult, _decide
+from worker.idempotency.store import Claimed, ClaimResult, StoredRecord, _decide
 
 # Redis away (refused, reset, loading, timed out): the command is held, not failed.
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 SOCKET_TIMEOUT_S = 5.0  # a Redis that accepts and never answers counts as away
 
 KEY_PREFIX = "relay:idempotency:"
+COMMAND_ID_PREFIX = "relay:command-id:"  # -> the key the command claimed or completed
+FIELDS = ("fingerprint", "owner", "lease_until", "event", "sent", "response_id")
 
 # Returns {} when the caller took a free key, {'taken', sent, response_id} when it took over
-# from a dead holder, else the existing record's fields.
+# from a dead holder, else the existing record's fields. With KEYS[2] (the command id's
+# entry) the key is recorded as that command's, unless the key is another work's.
 CLAIM_SCRIPT = """
 local record = redis.call('HMGET', KEYS[1], 'fingerprint', 'owner', 'lease_until', 'event',
                           'sent', 'response_id')
 local now = tonumber(ARGV[3])
+if KEYS[2] and (not record[1] or record[1] == ARGV[1]) then
+  redis.call('SET', KEYS[2], ARGV[6], 'PX', ARGV[5])
+end
 if record[1] then
   if record[1] ~= ARGV[1] or record[4] or tonumber(record[3]) > now then
     return record
@@ -52,7 +59,18 @@ COMPLETE_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], 'event', ARGV[1])
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
 end
+"""
+
+# ARGV: the event id: forget the key's result only while it is that event; 1 when it did.
+DISCARD_SCRIPT = """
+local event = redis.call('HGET', KEYS[1], 'event')
+if event and cjson.decode(event)['id'] == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
 """
 
 RELEASE_SCRIPT = """
@@ -83,14 +101,20 @@ class RedisStore:
         self._complete = self._redis.register_script(COMPLETE_SCRIPT)
         self._release = self._redis.register_script(RELEASE_SCRIPT)
         self._set_if_holder = self._redis.register_script(SET_IF_HOLDER_SCRIPT)
+        self._discard = self._redis.register_script(DISCARD_SCRIPT)
         self._batch = ScriptBatcher(self._redis)
 
-    async def claim(self, key: str, fingerprint: str, owner: str) -> ClaimResult:
+    async def claim(
+        self, key: str, fingerprint: str, owner: str, command_id: str | None = None
+    ) -> ClaimResult:
         now = time.time()
+        keys = [KEY_PREFIX + key]
+        if command_id is not None:
+            keys.append(COMMAND_ID_PREFIX + command_id)
         record = await self._call(
             self._claim,
-            [KEY_PREFIX + key],
-            [fingerprint, owner, repr(now), repr(self._lease_s), self._retention_ms],
+            keys,
+            [fingerprint, owner, repr(now), repr(self._lease_s), self._retention_ms, key],
         )
         fields = [v.decode() if isinstance(v, bytes) else v for v in record]
         if not fields:
@@ -104,7 +128,9 @@ class RedisStore:
 
     async def complete(self, key: str, owner: str, event: ResultEvent) -> None:
         await self._call(
-            self._complete, [KEY_PREFIX + key], [event.model_dump_json(), self._retention_ms]
+            self._complete,
+            [KEY_PREFIX + key, COMMAND_ID_PREFIX + event.data.command_id],
+            [event.model_dump_json(), self._retention_ms, key],
         )
 
     async def release(self, key: str, owner: str) -> None:
@@ -125,6 +151,33 @@ class RedisStore:
         done = await self._call(self._set_if_holder, [KEY_PREFIX + key], fields)
         return bool(done)
 
+    async def find(self, key: str) -> StoredRecord | None:
+        try:
+            values = await self._redis.hmget(KEY_PREFIX + key, FIELDS)
+        except UNREACHABLE as error:
+            raise StoreUnavailable("idempotency", error) from error
+        fields = dict(zip(FIELDS, (_text(v) for v in values), strict=True))
+        if fields["fingerprint"] is None:
+            return None
+        event = fields["event"]
+        return StoredRecord(
+            key=key,
+            event=ResultEvent.model_validate_json(event) if event is not None else None,
+            holder=fields["owner"] or "",
+            lease_left_s=float(fields["lease_until"] or 0) - time.time(),
+            sent=fields["sent"] == "1",
+            response_id=fields["response_id"],
+        )
+
+    async def key_of(self, command_id: str) -> str | None:
+        try:
+            return _text(await self._redis.get(COMMAND_ID_PREFIX + command_id))
+        except UNREACHABLE as error:
+            raise StoreUnavailable("idempotency", error) from error
+
+    async def discard(self, key: str, event_id: str) -> bool:
+        return bool(await self._call(self._discard, [KEY_PREFIX + key], [event_id]))
+
     async def ping(self) -> None:
         try:
             await self._redis.ping()
@@ -140,3 +193,6 @@ class RedisStore:
     async def close(self) -> None:
         await self._redis.aclose()
 
+
+def _text(value: object) -> str | None:
+    return value.decode() if isinstance(value, bytes) else None if value is None else str(value)

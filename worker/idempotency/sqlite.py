@@ -11,7 +11,14 @@ from typing import Any
 
 from schemas.events import ResultEvent
 from worker.errors import StoreUnavailable
-from worker.idempotency.store import Claimed, ClaimResult, Record, _decide
+from worker.idempotency.store import (
+    Claimed,
+    ClaimResult,
+    Conflict,
+    Record,
+    StoredRecord,
+    _decide,
+)
 
 
 class SqliteStore:
@@ -37,6 +44,11 @@ class SqliteStore:
         columns = {row[1] for row in db.execute("PRAGMA table_info(claims)")}
         if "response_id" not in columns:  # a file from before 202s were kept with the claim
             db.execute("ALTER TABLE claims ADD COLUMN response_id TEXT")
+        # The key of each command id, kept as long as the key's record.
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS command_ids (command_id TEXT PRIMARY KEY,"
+            " key TEXT NOT NULL, expires_at REAL NOT NULL)"
+        )
         return db
 
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -45,11 +57,15 @@ class SqliteStore:
         except sqlite3.OperationalError as error:  # locked past the timeout, disk away
             raise StoreUnavailable("idempotency", error) from error
 
-    async def claim(self, key: str, fingerprint: str, owner: str) -> ClaimResult:
-        result: ClaimResult = await self._run(self._claim, key, fingerprint, owner)
+    async def claim(
+        self, key: str, fingerprint: str, owner: str, command_id: str | None = None
+    ) -> ClaimResult:
+        result: ClaimResult = await self._run(self._claim, key, fingerprint, owner, command_id)
         return result
 
-    def _claim(self, key: str, fingerprint: str, owner: str) -> ClaimResult:
+    def _claim(
+        self, key: str, fingerprint: str, owner: str, command_id: str | None
+    ) -> ClaimResult:
         now = time.time()
         self._db.execute("BEGIN IMMEDIATE")  # other processes on this file wait here
         try:
@@ -67,21 +83,38 @@ class SqliteStore:
                     (key, fingerprint, owner, now + self._lease_s, now + self._retention_s,
                      int(decided.after_send), decided.response_id),
                 )
+            if command_id is not None and not isinstance(decided, Conflict):
+                self._index(command_id, key, now)
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         return decided
 
-    async def complete(self, key: str, owner: str, event: ResultEvent) -> None:
-        await self._run(self._complete, key, event.model_dump_json())
-
-    def _complete(self, key: str, event_json: str) -> None:
-        # Stored whoever holds the lease now: the work is done and its answer is the truth.
+    def _index(self, command_id: str, key: str, now: float) -> None:
         self._db.execute(
-            "UPDATE claims SET event = ?, expires_at = ? WHERE key = ?",
-            (event_json, time.time() + self._retention_s, key),
+            "INSERT OR REPLACE INTO command_ids VALUES (?, ?, ?)",
+            (command_id, key, now + self._retention_s),
         )
+
+    async def complete(self, key: str, owner: str, event: ResultEvent) -> None:
+        await self._run(self._complete, key, event.model_dump_json(), event.data.command_id)
+
+    def _complete(self, key: str, event_json: str, command_id: str) -> None:
+        # Stored whoever holds the lease now: the work is done and its answer is the truth.
+        now = time.time()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            cursor = self._db.execute(
+                "UPDATE claims SET event = ?, expires_at = ? WHERE key = ?",
+                (event_json, now + self._retention_s, key),
+            )
+            if cursor.rowcount:
+                self._index(command_id, key, now)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     async def release(self, key: str, owner: str) -> None:
         await self._run(
@@ -113,6 +146,45 @@ class SqliteStore:
                 "UPDATE claims SET sent = 1, response_id = ?"
                 " WHERE key = ? AND owner = ? AND event IS NULL",
                 (response_id, key, owner),
+            )
+        )
+        return bool(cursor.rowcount == 1)
+
+    async def find(self, key: str) -> StoredRecord | None:
+        row = await self._run(
+            lambda: self._db.execute(
+                "SELECT fingerprint, owner, lease_until, event, sent, response_id FROM claims"
+                " WHERE key = ? AND expires_at > ?",
+                (key, time.time()),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        _, owner, lease_until, event, sent, response_id = row
+        return StoredRecord(
+            key=key,
+            event=ResultEvent.model_validate_json(event) if event is not None else None,
+            holder=owner,
+            lease_left_s=lease_until - time.time(),
+            sent=bool(sent),
+            response_id=response_id,
+        )
+
+    async def key_of(self, command_id: str) -> str | None:
+        row = await self._run(
+            lambda: self._db.execute(
+                "SELECT key FROM command_ids WHERE command_id = ? AND expires_at > ?",
+                (command_id, time.time()),
+            ).fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    async def discard(self, key: str, event_id: str) -> bool:
+        cursor = await self._run(
+            lambda: self._db.execute(
+                "DELETE FROM claims WHERE key = ? AND event IS NOT NULL"
+                " AND json_extract(event, '$.id') = ?",
+                (key, event_id),
             )
         )
         return bool(cursor.rowcount == 1)

@@ -16,6 +16,10 @@ retention period.
 * :class:`Completed`: done before: replay the stored event;
 * :class:`Conflict`: the key was used for a different payload: reject.
 
+Each record is also found by the id of the command that claimed or completed it
+(``claim(..., command_id=…)``, and the event's ``command_id`` at ``complete``), for as long
+as the record is kept, so an operator can look a result up (``command-relay result ID``).
+
 This module holds the protocol and the decision both backends make: SQLite
 (``sqlite.py``; one host, the default) and Redis (``redis.py``; a fleet).
 """
@@ -56,6 +60,18 @@ class Conflict:
 ClaimResult = Claimed | InProgress | Completed | Conflict
 
 
+@dataclass(frozen=True)
+class StoredRecord:
+    """What the store holds for a key: its event once done, else who is working on it."""
+
+    key: str
+    event: ResultEvent | None  # None: not finished
+    holder: str
+    lease_left_s: float  # 0 or less: the holder's lease ran out (it stopped)
+    sent: bool  # the mutation may have reached the vendor
+    response_id: str | None  # the vendor's 202 being collected
+
+
 def fingerprint(command: Command) -> str:
     """What makes two commands the same work: type, tenant and params (not id or deadline)."""
     payload = command.model_dump(mode="json", include={"type", "tenant", "params"})
@@ -63,12 +79,17 @@ def fingerprint(command: Command) -> str:
 
 
 class IdempotencyStore(Protocol):
-    async def claim(self, key: str, fingerprint: str, owner: str) -> ClaimResult:
-        """Take the key for ``owner``, or say why not."""
+    async def claim(
+        self, key: str, fingerprint: str, owner: str, command_id: str | None = None
+    ) -> ClaimResult:
+        """Take the key for ``owner``, or say why not. ``command_id`` is recorded as the
+        key's command (found by :meth:`key_of`), unless the key is another work's
+        (:class:`Conflict`)."""
         ...
 
     async def complete(self, key: str, owner: str, event: ResultEvent) -> None:
-        """Store the terminal event with the claim; it is replayed from now on."""
+        """Store the terminal event with the claim; it is replayed from now on, and the
+        key is found by the event's ``command_id``."""
         ...
 
     async def release(self, key: str, owner: str) -> None:
@@ -88,6 +109,19 @@ class IdempotencyStore(Protocol):
         """Record the vendor's 202 ``response-id`` (and "sent") before collecting it, so a
         worker that takes the key over collects it instead of giving the result up;
         False when ``owner`` no longer holds the claim."""
+        ...
+
+    async def find(self, key: str) -> StoredRecord | None:
+        """The key's record; None when there is none (never claimed, released, expired)."""
+        ...
+
+    async def key_of(self, command_id: str) -> str | None:
+        """The key the command with this id claimed or completed, while it is kept."""
+        ...
+
+    async def discard(self, key: str, event_id: str) -> bool:
+        """Forget the key's stored result if it is still the event ``event_id``, so the
+        work can be done again (a dead letter replayed); False when it was not."""
         ...
 
     async def ping(self) -> None: ...

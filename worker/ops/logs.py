@@ -1,7 +1,12 @@
-"""Logging: plain text for people, JSON lines for machines, secrets scrubbed either way."""
+"""Logging: plain text for people, JSON lines for machines, secrets scrubbed either way.
+
+A line about a command carries its id, type, tenant, outcome and error code: JSON lines as
+fields, text lines as ``name=value`` pairs after the message.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -20,6 +25,13 @@ SECRET_PATTERNS = (
     ),
 )
 REDACTED = "[redacted]"
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+# The ``extra`` fields a text line shows after its message, in this order.
+CONTEXT_FIELDS = (
+    "command_id", "idempotency_key", "command_type", "tenant", "outcome", "error_code",
+    "attempts", "delay_s", "queue",
+)
+PLAIN_VALUE = re.compile(r"[^\s\"'=\\]+")
 
 
 def redact(text: str) -> str:
@@ -51,6 +63,35 @@ class TraceContextFilter(logging.Filter):
         return True
 
 
+class TextFormatter(logging.Formatter):
+    """The plain line, then ``name=value`` for each context field the record carries
+    (quoted as JSON when the value has spaces, quotes or control characters, so a
+    command's id can not forge a line); the key only when it is not the id."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        pairs = []
+        for name in CONTEXT_FIELDS:
+            value = getattr(record, name, None)
+            if value is None or (
+                name == "idempotency_key" and value == getattr(record, "command_id", None)
+            ):
+                continue
+            pairs.append(f"{name}={_quoted(value)}")
+        if not pairs:
+            return line
+        head, newline, rest = line.partition("\n")  # an exception's traceback stays below
+        return f"{head} {redact(' '.join(pairs))}{newline}{rest}"
+
+
+def _quoted(value: object) -> str:
+    text = str(value)
+    return text if PLAIN_VALUE.fullmatch(text) and text.isprintable() else json.dumps(text)
+
+
 def handler_for(fmt: str, stream: TextIO = sys.stderr) -> logging.Handler:
     """A handler writing ``text`` or ``json`` lines, trace ids added, secrets scrubbed."""
     handler = logging.StreamHandler(stream)
@@ -62,7 +103,7 @@ def handler_for(fmt: str, stream: TextIO = sys.stderr) -> logging.Handler:
             )
         )
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     handler.addFilter(TraceContextFilter())
     handler.addFilter(RedactingFilter())
     return handler

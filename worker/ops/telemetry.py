@@ -37,6 +37,8 @@ from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Tracer, TracerProvider
 
+from worker.ops.stats import CountedCounter, CountedUpDownCounter, Tally
+
 SCOPE = "command-relay"
 MESSAGING_SYSTEM = "rabbitmq"
 # Histogram buckets of durations in seconds: the SDK's defaults (0, 5, 10, 25, … 10000)
@@ -62,12 +64,17 @@ class Instruments:
     lane_wait: Histogram  # a command's time in its lane, by lane
     lane_backlog: Gauge  # commands waiting in a lane, as the broker counts them
     lane_oldest_wait: Gauge  # how long the oldest of them has waited (at most)
+    tally: Tally  # what commands, in_flight and dead_letters counted, for the log's stats
 
     @classmethod
     def on(cls, meter: Meter) -> Instruments:
+        tally = Tally()
         return cls(
-            commands=meter.create_counter(
-                "relay.commands", unit="{command}", description="Commands finished"
+            commands=CountedCounter(
+                meter.create_counter(
+                    "relay.commands", unit="{command}", description="Commands finished"
+                ),
+                tally.done,
             ),
             attempts=meter.create_counter(
                 "relay.vendor.attempts", unit="{call}", description="Vendor calls, not collects"
@@ -77,15 +84,22 @@ class Instruments:
             ),
             command_duration=_seconds(meter, "relay.command.duration", "Receipt to settlement"),
             vendor_duration=_seconds(meter, "relay.vendor.duration", "Vendor HTTP time"),
-            in_flight=meter.create_up_down_counter(
-                "relay.commands.in_flight", unit="{command}", description="Commands in flight"
+            in_flight=CountedUpDownCounter(
+                meter.create_up_down_counter(
+                    "relay.commands.in_flight", unit="{command}",
+                    description="Commands in flight",
+                ),
+                tally.in_flight,
             ),
             rate_limit_wait=_seconds(meter, "relay.rate_limit.wait", "Waits for a rate-limit slot"),
             replays=meter.create_counter(
                 "relay.replays", unit="{event}", description="Stored events sent again"
             ),
-            dead_letters=meter.create_counter(
-                "relay.dead_letters", unit="{message}", description="Messages dead-lettered"
+            dead_letters=CountedCounter(
+                meter.create_counter(
+                    "relay.dead_letters", unit="{message}", description="Messages dead-lettered"
+                ),
+                tally.dead_lettered,
             ),
             lane_wait=_seconds(meter, "relay.lane.wait", "Time commands waited in their lane"),
             lane_backlog=meter.create_gauge(
@@ -95,6 +109,7 @@ class Instruments:
                 "relay.lane.oldest_wait", unit="s",
                 description="How long the oldest command of a lane has waited, at most",
             ),
+            tally=tally,
         )
 
 

@@ -1,0 +1,475 @@
+"""The dead-letter queue (``relay.commands.dead``): list, show, replay and purge what the
+worker kept there, on RabbitMQ and on the embedded broker alike.
+
+A queue can not be read without taking its messages, and a message put back with a
+requeue counts as a failed delivery on RabbitMQ 4.0 to 4.2, whose quorum queues drop a
+message after 20 of them by default. So reading the queue goes through it once, in
+order, and settles each message it takes in one of three ways (:class:`Verdict`): kept (a
+copy, with its headers, goes to the back of the queue, then the original is acked),
+replayed (a copy goes to the command queue as a new attempt, then the original is acked),
+or dropped (acked). Every copy is confirmed by the broker before its original is acked,
+so a message is never lost; a crash between the two leaves it twice in the queue, at
+worst. Messages that arrive while the queue is read are left alone.
+
+Replaying a message first releases what the idempotency store keeps of its key, when
+that is a ``failed`` or ``rejected`` outcome (otherwise the new attempt would only get
+that outcome again). A ``result_lost`` command is refused unless forced: the vendor may
+already have acted on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from kombu import Connection, Producer
+from kombu.message import Message
+
+from schemas.commands import Command
+from schemas.events import ErrorCode, ResultEvent
+from worker.admin import UserError
+from worker.broker.connection import connect
+from worker.broker.decoding import decode_message
+from worker.broker.topology import Topology
+from worker.handler import REJECTION_KEY_PREFIX, rejection_digest  # how a rejection is keyed
+from worker.idempotency import IdempotencyStore, StoredRecord
+from worker.results import Rejected, command_fields
+from worker.settings import Settings
+
+PERSISTENT = 2
+ERROR_CODE_HEADER = "x-relay-error-code"
+REASON_HEADER = "x-relay-reason"
+ERROR_MESSAGE_HEADER = "x-relay-error-message"
+DEAD_LETTERED_AT_HEADER = "x-relay-dead-lettered-at"
+COMPRESSION_HEADER = "compression"
+KEPT_COMPRESSION_HEADER = f"x-relay-{COMPRESSION_HEADER}"
+# Headers of the time in the queues, not of the command: a replay starts without them.
+BROKER_HEADERS = ("x-death", "x-delivery-count", "x-first-death-", "x-last-death-")
+RELEASABLE_OUTCOMES = frozenset({"failed", "rejected"})
+DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# The AMQP properties a message keeps (not the broker's or kombu's bookkeeping).
+MESSAGE_PROPERTIES = ("content_type", "content_encoding", "message_id", "correlation_id",
+                      "reply_to", "delivery_mode", "priority", "timestamp", "type", "app_id")
+
+
+class Verdict(Enum):
+    KEEP = "keep"
+    REPLAY = "replay"
+    DROP = "drop"
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One message of the dead-letter queue, as the worker would read it again."""
+
+    position: int  # 1 for the message at the head of the queue
+    command_id: str
+    key: str | None  # the idempotency key, when the message is a valid command
+    command_type: str | None
+    tenant: str | None
+    error_code: str | None
+    reason: str  # the error's message, else why it was dead-lettered
+    dead_lettered_at: datetime | None
+    message_id: str | None
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    body: bytes
+    decoded: Command | Rejected = field(repr=False)
+
+    def age_s(self, now: datetime) -> float | None:
+        if self.dead_lettered_at is None:
+            return None
+        return max((now - self.dead_lettered_at).total_seconds(), 0.0)
+
+    def store_keys(self) -> list[str]:
+        """The idempotency-store keys whose outcome it may have: its work's key, and that
+        of its rejection."""
+        if isinstance(self.decoded, Rejected):
+            return [REJECTION_KEY_PREFIX + self.decoded.digest]
+        return [self.decoded.key, REJECTION_KEY_PREFIX + rejection_digest(self.decoded)]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which dead letters a command acts on: all of the criteria given (none: every one)."""
+
+    ids: frozenset[str] = frozenset()
+    codes: frozenset[str] = frozenset()
+    tenants: frozenset[str] = frozenset()
+    types: frozenset[str] = frozenset()
+    older_than_s: float | None = None
+    newer_than_s: float | None = None
+
+    @property
+    def everything(self) -> bool:
+        return self == Selection()
+
+    def matches(self, letter: DeadLetter, now: datetime) -> bool:
+        age_s = letter.age_s(now)
+        return (
+            (not self.ids or letter.command_id in self.ids or letter.message_id in self.ids)
+            and (not self.codes or (letter.error_code or "") in self.codes)
+            and (not self.tenants or (letter.tenant or "").lower() in self.tenants)
+            and (not self.types or (letter.command_type or "") in self.types)
+            and (self.older_than_s is None or (age_s is not None and age_s >= self.older_than_s))
+            and (self.newer_than_s is None or (age_s is not None and age_s < self.newer_than_s))
+        )
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``15m``, ``2h``, ``1d``, ``1h30m`` (or plain seconds) in seconds."""
+    text = text.strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = DURATION.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        raise UserError(
+            f"{text!r} is not a duration", "write it like 90s, 15m, 2h, 1d or 1h30m"
+        )
+    return sum(float(number) * UNITS_S[unit] for number, unit in parts)
+
+
+@dataclass
+class Report:
+    """What a pass through the queue did."""
+
+    seen: int = 0
+    kept: int = 0
+    replayed: list[DeadLetter] = field(default_factory=list)
+    dropped: list[DeadLetter] = field(default_factory=list)
+    refused: list[tuple[DeadLetter, str]] = field(default_factory=list)  # and why
+
+
+Progress = Callable[[int, int], None]  # (messages done, of how many)
+
+
+class DeadLetterQueue:
+    """The dead-letter queue of ``settings``, for one pass at a time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._topology = Topology.from_settings(settings)
+        self._connection: Connection | None = None
+
+    def __enter__(self) -> DeadLetterQueue:
+        # Waits for the broker's confirm of each copy before the original is acked.
+        self._connection = connect(self._settings.broker_url, heartbeat_s=0)
+        self._connection.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._connection is not None:
+            self._connection.release()  # unsettled messages go back to the queue
+
+    @property
+    def name(self) -> str:
+        return str(self._topology.dead_letter_queue.name)
+
+    def count(self) -> int:
+        """Messages in the queue now (declared as the worker declares it, if need be)."""
+        channel = self._channel()
+        try:
+            declared = self._topology.dead_letter_queue.bind(channel).queue_declare()
+            return int(declared.message_count)
+        finally:
+            channel.close()
+
+    def purge_all(self) -> int:
+        """Drop every message now in the queue; how many there were."""
+        channel = self._channel()
+        try:
+            self._topology.dead_letter_queue.bind(channel).declare()
+            return int(channel.queue_purge(self.name) or 0)
+        finally:
+            channel.close()
+
+    def read(self, progress: Progress | None = None) -> list[DeadLetter]:
+        """Every message now in the queue, which is left as it was."""
+        letters: list[DeadLetter] = []
+
+        def keep(letter: DeadLetter) -> Verdict:
+            letters.append(letter)
+            return Verdict.KEEP
+
+        self.walk(keep, progress)
+        return letters
+
+    def walk(
+        self, decide: Callable[[DeadLetter], Verdict], progress: Progress | None = None
+    ) -> Report:
+        """Take each message now in the queue, in order, and settle it as ``decide``
+        says."""
+        report = Report()
+        total = self.count()
+        channel = self._channel()
+        try:
+            queue = self._topology.dead_letter_queue.bind(channel)
+            producer = Producer(channel)
+            for position in range(1, total + 1):
+                message = queue.get(no_ack=False)
+                if message is None:  # taken by someone else meanwhile
+                    break
+                letter = self._letter(position, message)
+                verdict = decide(letter)
+                report.seen += 1
+                if verdict is Verdict.KEEP:
+                    self._copy(producer, message, self.name, _kept_headers(message))
+                    report.kept += 1
+                elif verdict is Verdict.REPLAY:
+                    queue_name = str(self._topology.command_queue.name)
+                    self._copy(producer, message, queue_name, _replay_headers(message))
+                    report.replayed.append(letter)
+                else:
+                    report.dropped.append(letter)
+                message.ack()
+                if progress is not None:
+                    progress(position, total)
+        finally:
+            channel.close()
+        return report
+
+    def _channel(self) -> Any:
+        assert self._connection is not None, "use DeadLetterQueue in a with block"
+        channel = self._connection.channel()
+        if hasattr(channel, "auto_decode"):
+            channel.auto_decode = False  # the body's bytes as they were sent
+        _keep_bodies_as_sent(channel)
+        return channel
+
+    def _letter(self, position: int, message: Message) -> DeadLetter:
+        headers = dict(message.headers or {})
+        properties = {
+            "content_type": message.content_type,  # kept apart by kombu
+            "content_encoding": message.content_encoding,
+            **(message.properties or {}),
+        }
+        message_id = properties.get("message_id")
+        compressed = headers.get(KEPT_COMPRESSION_HEADER)
+        decoded = decode_message(
+            _body(message),
+            message_id if isinstance(message_id, str) else None,
+            content_type=message.content_type,
+            content_encoding=f"compressed ({compressed})" if compressed
+            else message.content_encoding,
+            max_bytes=self._settings.max_message_bytes,
+        )
+        rejected = isinstance(decoded, Rejected)
+        fields = decoded.fields if isinstance(decoded, Rejected) else command_fields(decoded)
+        death = _first_death(headers)
+        code = _text(headers.get(ERROR_CODE_HEADER))
+        reason = (
+            _text(headers.get(ERROR_MESSAGE_HEADER))
+            or _text(headers.get(REASON_HEADER))
+            or (f"dead-lettered by the broker ({_text(death.get('reason'))})" if death else "")
+            or "unknown"
+        )
+        return DeadLetter(
+            position=position,
+            command_id=fields["command_id"],
+            key=None if rejected else fields["idempotency_key"],
+            command_type=fields["command_type"],
+            tenant=fields["tenant"],
+            error_code=code or (ErrorCode.DELIVERY_LIMIT.value if death.get("reason") ==
+                                "delivery_limit" else None),
+            reason=reason,
+            dead_lettered_at=_dead_lettered_at(headers, death),
+            message_id=message_id if isinstance(message_id, str) else None,
+            headers=headers,
+            properties=properties,
+            body=_body(message),
+            decoded=decoded,
+        )
+
+    def _copy(
+        self, producer: Producer, message: Message, queue: str, headers: dict[str, Any]
+    ) -> None:
+        properties = message.properties or {}
+        producer.publish(
+            _body(message),
+            exchange="",
+            routing_key=queue,
+            content_type=message.content_type or "application/octet-stream",
+            content_encoding=message.content_encoding or "binary",
+            headers=headers,
+            delivery_mode=PERSISTENT,
+            message_id=properties.get("message_id"),
+            correlation_id=properties.get("correlation_id"),
+            reply_to=properties.get("reply_to"),
+            priority=properties.get("priority"),
+            timestamp=properties.get("timestamp"),
+            retry=False,
+        )
+
+
+class Replayer:
+    """Decides, for each dead letter chosen, whether it may be replayed, and releases the
+    stored outcome of its key first (the store's calls run on a loop of its own)."""
+
+    def __init__(self, store: IdempotencyStore, force: bool) -> None:
+        self._store = store
+        self._force = force
+        self._runner = asyncio.Runner()
+        self.refused: list[tuple[DeadLetter, str]] = []
+        self.released: list[tuple[DeadLetter, str]] = []  # and the key released
+
+    def __enter__(self) -> Replayer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._runner.run(self._store.close())
+        self._runner.close()
+
+    def records(self, letter: DeadLetter) -> list[StoredRecord]:
+        found = [self._runner.run(self._store.find(key)) for key in letter.store_keys()]
+        return [record for record in found if record is not None]
+
+    def prepare(self, letter: DeadLetter) -> bool:
+        """Release the letter's stored failure or rejection; False when it must not be
+        replayed (its result is lost and the replay is not forced)."""
+        records = self.records(letter)
+        lost = letter.error_code == ErrorCode.RESULT_LOST or any(
+            _code(record.event) == ErrorCode.RESULT_LOST for record in records
+        )
+        if lost and not self._force:
+            self.refused.append((letter, "result_lost: the vendor may already have acted; "
+                                 "check there, then replay with --force"))
+            return False
+        for record in records:
+            event = record.event
+            if event is None or event.data.outcome not in RELEASABLE_OUTCOMES:
+                continue
+            if self._runner.run(self._store.discard(record.key, event.id)):
+                self.released.append((letter, record.key))
+        return True
+
+
+def _code(event: ResultEvent | None) -> str | None:
+    if event is None or event.data.error is None:
+        return None
+    return str(event.data.error.code)
+
+
+def _body(message: Message) -> bytes:
+    body = message.body
+    return body if isinstance(body, bytes) else str(body).encode("utf-8", "surrogatepass")
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return value if isinstance(value, str) and value else None
+
+
+def _first_death(headers: dict[str, Any]) -> dict[str, Any]:
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        return deaths[0]
+    return {}
+
+
+def _dead_lettered_at(headers: dict[str, Any], death: dict[str, Any]) -> datetime | None:
+    stamp = headers.get(DEAD_LETTERED_AT_HEADER)
+    if isinstance(stamp, int | float) and not isinstance(stamp, bool) and math.isfinite(stamp):
+        return datetime.fromtimestamp(stamp, UTC)
+    when = death.get("time")
+    if isinstance(when, datetime):
+        return when if when.tzinfo else when.replace(tzinfo=UTC)
+    return None
+
+
+def _kept_headers(message: Message) -> dict[str, Any]:
+    """The headers of a message put back in the queue: as they were (the broker's
+    delivery count excepted, so its count starts anew)."""
+    headers = _forwardable(message.headers)
+    headers.pop("x-delivery-count", None)
+    return headers
+
+
+def _replay_headers(message: Message) -> dict[str, Any]:
+    """The headers of a replay: a new attempt, without what the queues and the worker
+    noted about the earlier ones (the renamed compression header stays: it says what
+    the body is)."""
+    return {
+        name: value for name, value in _forwardable(message.headers).items()
+        if not name.startswith(BROKER_HEADERS)
+        and not (name.startswith("x-relay-") and name != KEPT_COMPRESSION_HEADER)
+    }
+
+
+def _forwardable(headers: Any) -> dict[str, Any]:
+    if not isinstance(headers, dict):
+        return {}
+    return {name: value for name, value in headers.items() if isinstance(name, str)}
+
+
+def _keep_bodies_as_sent(channel: Any) -> None:
+    """As the consumer does: kombu would inflate a body whose headers name a compression
+    when it makes the message; the header is renamed first, so the body stays as sent.
+    (A subclass, not a function: the embedded broker's channel checks messages are
+    instances of its class.)"""
+
+    class MessageAsSent(channel.Message):  # type: ignore[misc]
+        def __init__(self, *args: Any, **options: Any) -> None:
+            raw = args[0] if args else options.get("payload", options.get("msg"))
+            properties = raw if isinstance(raw, dict) else getattr(raw, "properties", None)
+            if isinstance(properties, dict):
+                headers = properties.get("headers", properties.get("application_headers"))
+                if isinstance(headers, dict) and COMPRESSION_HEADER in headers:
+                    headers[KEPT_COMPRESSION_HEADER] = headers.pop(COMPRESSION_HEADER)
+            super().__init__(*args, **options)
+
+    channel.Message = MessageAsSent
+
+
+def describe_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def as_json(letter: DeadLetter) -> dict[str, Any]:
+    """The letter as ``dlq show`` prints it."""
+    try:
+        body: Any = json.loads(letter.body)
+    except ValueError:
+        body = letter.body.decode("utf-8", "replace")
+    return {
+        "command_id": letter.command_id,
+        "idempotency_key": letter.key,
+        "type": letter.command_type,
+        "tenant": letter.tenant,
+        "error_code": letter.error_code,
+        "reason": letter.reason,
+        "dead_lettered_at": letter.dead_lettered_at.isoformat()
+        if letter.dead_lettered_at else None,
+        "position": letter.position,
+        "properties": {name: _plain(letter.properties[name]) for name in MESSAGE_PROPERTIES
+                       if letter.properties.get(name) is not None},
+        "headers": {k: _plain(v) for k, v in letter.headers.items()},
+        "body": body,
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value

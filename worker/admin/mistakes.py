@@ -1,0 +1,77 @@
+"""Errors of the environment an operator can fix (a refused password, a broker that is not
+running, a store that does not answer), turned into :class:`UserError`: one line saying
+what is wrong, one saying what to do."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from amqp.exceptions import AccessRefused, NotAllowed
+from sqlalchemy.exc import OperationalError as SqlError
+
+from worker.admin import UserError
+from worker.admin.config import safe_url
+from worker.errors import StoreUnavailable
+
+BROKER_SETTING = "RELAY_BROKER_URL"
+
+
+@contextmanager
+def broker_errors(url: str) -> Iterator[None]:
+    """Raise a UserError for a broker that refuses or can not be reached inside."""
+    try:
+        yield
+    except Exception as error:
+        mistake = broker_mistake(error, url)
+        if mistake is None:
+            raise
+        raise mistake from error
+
+
+def broker_mistake(error: BaseException, url: str) -> UserError | None:
+    where = safe_url(url)
+    if isinstance(error, AccessRefused):
+        return UserError(
+            f"the broker at {where} refused the login",
+            f"check the user and password in {BROKER_SETTING}",
+        )
+    if isinstance(error, NotAllowed):
+        return UserError(
+            f"the broker at {where} refused the virtual host",
+            f"check the vhost at the end of {BROKER_SETTING} (the default one is //)",
+        )
+    if isinstance(error, socket.gaierror):
+        return UserError(
+            f"the broker's host in {where} is not known", f"check the host in {BROKER_SETTING}"
+        )
+    if isinstance(error, (ConnectionError, TimeoutError, OSError)):
+        return UserError(
+            f"can not reach the broker at {where} ({_reason(error)})",
+            f"start it (bash .ci/services starts a local one) or fix {BROKER_SETTING}",
+        )
+    if isinstance(error, SqlError):
+        return UserError(
+            f"the embedded broker's file can not be opened ({where})",
+            f"point {BROKER_SETTING} at a writable path",
+        )
+    return None
+
+
+@contextmanager
+def store_errors(url: str) -> Iterator[None]:
+    """Raise a UserError for an idempotency store that does not answer inside."""
+    try:
+        yield
+    except StoreUnavailable as error:
+        raise UserError(
+            f"the idempotency store at {safe_url(url)} does not answer "
+            f"({_reason(error.__cause__ or error)})",
+            "start it, or fix RELAY_IDEMPOTENCY_URL",
+        ) from error
+
+
+def _reason(error: BaseException) -> str:
+    text = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    return str(text).splitlines()[0][:120]
