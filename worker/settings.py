@@ -344,3 +344,17 @@ class Settings(BaseSettings):
             initial_wait_s=self.retry_initial_wait_s,
             max_wait_s=self.retry_max_wait_s,
         )
+
+
+def calls_per_s(text: str) -> float:
+    """The sustained rate a limit allows (``"10/second"``: 10.0)."""
+    window_s, amount = window_s_and_amount(text)
+    return amount / window_s
+
+
+def window_s_and_amount(text: str) -> tuple[float, int]:
+    """A limit in the limits notation as its window and the calls it allows in it."""
+    import limits  # ~0.1 s to import: only where a limit is read, not in every command
+
+    item = limits.parse(text)
+    return float(item.get_expiry()), int(item.amount)

@@ -37,8 +37,7 @@ from schemas.commands import (
 )
 from worker.broker.connection import connect
 from worker.ops.telemetry import Instruments
-from worker.settings import Settings
-from worker.vendors.ratelimit import calls_per_s
+from worker.settings import Settings, calls_per_s
 
 log = logging.getLogger(__name__)
 

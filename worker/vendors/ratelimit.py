@@ -32,11 +32,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
-from limits import parse
-
 from worker.errors import StoreUnavailable
 from worker.ops.outage import Outage
-from worker.settings import RateLimitSettings
+from worker.settings import RateLimitSettings, window_s_and_amount
 
 KEY_PREFIX = "relay:pace:"
 LOG_KEY_PREFIX = "relay:sent:"
@@ -179,7 +177,7 @@ class RateLimits:
     def __init__(self, settings: RateLimitSettings, outage: Outage) -> None:
         self._limits: dict[str, tuple[float, int]] = {}
         for vendor, text in settings.limits.items():
-            window_s, amount = _window_s_and_amount(text)
+            window_s, amount = window_s_and_amount(text)
             self._limits[vendor] = (window_s * (1 + settings.margin), amount)
         url = settings.storage_url
         self.pacer: Pacer = MemoryPacer() if url == "memory://" else RedisPacer(url)
@@ -251,14 +249,3 @@ class Unlimited:
 
     async def answered(self, send: str) -> None:
         return None
-
-
-def calls_per_s(text: str) -> float:
-    """The sustained rate a limit allows (``"10/second"``: 10.0)."""
-    window_s, amount = _window_s_and_amount(text)
-    return amount / window_s
-
-
-def _window_s_and_amount(text: str) -> tuple[float, int]:
-    item = parse(text)
-    return float(item.get_expiry()), int(item.amount)
