@@ -33,6 +33,7 @@ class ErrorCode(StrEnum):
     REGION_NOT_SUPPORTED = "region_not_supported"
     DEADLINE_PASSED = "deadline_passed"
     IDEMPOTENCY_KEY_CONFLICT = "idempotency_key_conflict"
+    FORBIDDEN_TENANT = "forbidden_tenant"  # its publisher (AMQP user) may not act for the tenant
     # failed: the vendor was called (or would have been) and the work did not happen
     VENDOR_REJECTED = "vendor_rejected"
     VENDOR_AUTH_FAILED = "vendor_auth_failed"

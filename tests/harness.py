@@ -65,7 +65,7 @@ class RunningRelay:
         """Take every message waiting in the dead-letter queue."""
         queue = Topology.from_settings(self.settings).dead_letter_queue
         taken: list[Any] = []
-        with connect(self.settings.broker_url) as connection:
+        with connect(self.settings.broker_url, tls=self.settings.tls.broker) as connection:
             with Consumer(connection, queues=[queue], on_message=taken.append):
                 try:
                     while True:
@@ -100,7 +100,8 @@ def running_relay(
     thread.start()
     try:
         assert service.consumer.connected.wait(10), "worker did not connect"
-        with CommandClient(settings.broker_url, Topology.from_settings(settings)) as client:
+        topology = Topology.from_settings(settings)
+        with CommandClient(settings.broker_url, topology, settings.tls.broker) as client:
             yield RunningRelay(settings, client, service, lambda: _stop(stop, thread))
     finally:
         _stop(stop, thread)

@@ -362,7 +362,8 @@ def test_renewal_after_revocation_uses_the_refresh_token(
 def test_wrong_eset_password_fails_as_vendor_auth_failed(sandbox: SandboxServer) -> None:
     config = sandbox.state.config
     tenant = Tenant(
-        eset=EsetAccount(region="eu", username=config.eset_username, password=SecretStr("wrong"))
+        sandbox=True,
+        eset=EsetAccount(region="eu", username=config.eset_username, password=SecretStr("wrong")),
     )
     outcome = execute(settings_for(sandbox, tenants={"default": tenant}), batch_delete())[0]
     error = failed(outcome, PermanentFailure, ErrorCode.VENDOR_AUTH_FAILED)
@@ -378,6 +379,7 @@ def test_wrong_eset_password_fails_as_vendor_auth_failed(sandbox: SandboxServer)
 def test_batch_delete_in_japan_is_rejected_without_any_call(sandbox: SandboxServer) -> None:
     config = sandbox.state.config
     japan = Tenant(
+        sandbox=True,
         eset=EsetAccount(
             region="jpn", username=config.eset_username, password=SecretStr(config.eset_password)
         )
@@ -477,6 +479,7 @@ def test_wrong_spaaza_token_fails_as_vendor_auth_failed(sandbox: SandboxServer) 
     """Spaaza's token is static: a wrong secret is refused for good, not retried."""
     config = sandbox.state.config
     tenant = Tenant(
+        sandbox=True,
         spaaza=SpaazaAccount(
             base_url=f"{sandbox.base_url}/spaaza",
             token_id=config.spaaza_token_id,

@@ -102,6 +102,7 @@ def run() -> None:
     SIGTERM or Ctrl-C stops taking new commands and lets in-flight ones finish.
     """
     from worker.admin import config
+    from worker.broker.connection import BrokerCertificateRefused
     from worker.ops import logs
     from worker.ops.stats import log_every
     from worker.ops.telemetry import from_environment
@@ -130,7 +131,10 @@ def run() -> None:
             name="stats",
             daemon=True,
         ).start()
-    service.run(stop)
+    try:
+        service.run(stop)
+    except BrokerCertificateRefused as certificate:  # a setting to fix, not an outage
+        raise UserError(certificate.problem, certificate.fix) from certificate
 
 
 @app.command()
@@ -179,7 +183,9 @@ def send(
     wait_s = settings.result_wait_s if timeout is None else timeout
     with (
         broker_errors(settings.broker_url),
-        CommandClient(settings.broker_url, Topology.from_settings(settings)) as client,
+        CommandClient(
+            settings.broker_url, Topology.from_settings(settings), settings.tls.broker
+        ) as client,
     ):
         reply_to = client.reply_queue() if wait else None
         message_id = client.publish(command, reply_to=reply_to)
@@ -228,7 +234,8 @@ def result(
 
     async def lookup() -> Any:
         store = open_store(
-            settings.idempotency_url, settings.claim_lease_s, settings.idempotency_retention_s
+            settings.idempotency_url, settings.claim_lease_s, settings.idempotency_retention_s,
+            settings.tls.redis,
         )
         try:
             return await look_up(store, command_id, key)
@@ -389,7 +396,8 @@ def dlq_replay(
         )
     settings = _settings("RELAY_BROKER_URL", "RELAY_IDEMPOTENCY_URL")
     store = open_store(
-        settings.idempotency_url, settings.claim_lease_s, settings.idempotency_retention_s
+        settings.idempotency_url, settings.claim_lease_s, settings.idempotency_retention_s,
+        settings.tls.redis,
     )
     now = datetime.now(UTC)
     with (
@@ -577,7 +585,8 @@ def _stored_outcomes(settings: Settings, letters: list[DeadLetter]) -> dict[int,
 
     async def find_all() -> dict[int, list[Any]]:
         store = open_store(
-            settings.idempotency_url, settings.claim_lease_s, settings.idempotency_retention_s
+            settings.idempotency_url, settings.claim_lease_s, settings.idempotency_retention_s,
+            settings.tls.redis,
         )
         try:
             found: dict[int, list[Any]] = {}

@@ -16,7 +16,9 @@ from kombu.message import Message
 
 from schemas.events import ResultEvent
 from worker.broker.connection import connect, is_amqp
+from worker.broker.origin import worker_user
 from worker.broker.topology import Topology
+from worker.settings import TlsFiles
 
 PERSISTENT = 2
 
@@ -31,13 +33,19 @@ class Reply:
 
 
 class CommandClient:
-    def __init__(self, broker_url: str, topology: Topology) -> None:
+    def __init__(
+        self, broker_url: str, topology: Topology, tls: TlsFiles | None = None
+    ) -> None:
+        """``tls``: the broker's CA and client certificate (``Settings.tls.broker``) for
+        ``amqps://``; its certificate and name are verified either way."""
         self._topology = topology
         self._amqp = is_amqp(broker_url)
-        self._connection = connect(broker_url)
+        self._connection = connect(broker_url, tls=tls)
         self._channel = self._connection.channel()
         topology.declare(self._channel)
         self._producer = Producer(self._channel)
+        # RabbitMQ checks it: the publisher a tenant bound to its publishers asks for.
+        self._identity = {"user_id": worker_user(self._connection)} if self._amqp else {}
         self._replies: Queue | None = None
         self._received: list[Message] = []
 
@@ -86,6 +94,7 @@ class CommandClient:
             reply_to=reply_to,
             headers=headers or {},
             retry=True,
+            **self._identity,
         )
 
     def events(self, timeout_s: float) -> Iterator[Reply]:

@@ -55,7 +55,8 @@ def run_demo(timeout_s: float, show: Callable[[ResultEvent], None]) -> bool:
 def _publish_and_collect(
     settings: Settings, timeout_s: float, show: Callable[[ResultEvent], None]
 ) -> bool:
-    with CommandClient(settings.broker_url, Topology.from_settings(settings)) as client:
+    topology = Topology.from_settings(settings)
+    with CommandClient(settings.broker_url, topology, settings.tls.broker) as client:
         reply_to = client.reply_queue()
         pending = {client.publish(c, reply_to=reply_to) for c in demo_commands()}
         outcomes = []

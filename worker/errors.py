@@ -14,6 +14,7 @@ happened or what to fix. Foreign errors are wrapped at the boundary with ``raise
 
 from __future__ import annotations
 
+import ssl
 from typing import TYPE_CHECKING
 
 from schemas.events import ErrorCode, ErrorInfo
@@ -79,12 +80,65 @@ class StoreUnavailable(RelayError):
     held until it answers (and requeued if that takes too long), never failed for it."""
 
     def __init__(self, store: str, error: BaseException) -> None:
-        super().__init__(
-            ErrorCode.INTERNAL_ERROR, f"the {store} store is unreachable: {type(error).__name__}"
-        )
+        refusal = refused_certificate(error)
+        message = f"the {store} store is unreachable: {type(error).__name__}"
+        if refusal is not None:  # not an outage that passes: say what to fix
+            message = (
+                f"the {store} store's TLS certificate was refused ({certificate_reason(refusal)}); "
+                + certificate_fix(refusal, STORE_URL_SETTINGS.get(store, "its URL"),
+                                  "RELAY_REDIS_TLS_CA_FILE")
+            )
+        super().__init__(ErrorCode.INTERNAL_ERROR, message)
         self.store = store
 
 
 class Withheld(Exception):
     """Raised by a vendor sender when its caller withheld a mutation's go-ahead (the
     handler does when its claim on the key was lost): the request was not sent."""
+
+
+# The setting of each store's URL, by the name StoreUnavailable is given.
+STORE_URL_SETTINGS = {"idempotency": "RELAY_IDEMPOTENCY_URL", "rate-limit": "RELAY_RATE_LIMIT_URL"}
+# OpenSSL's verify codes of a certificate that names another host, or that has expired.
+_NAME_MISMATCH_CODES = frozenset({62, 64})  # X509_V_ERR_HOSTNAME_MISMATCH, _IP_ADDRESS_
+_EXPIRED_CODE = 10  # X509_V_ERR_CERT_HAS_EXPIRED
+
+
+def refused_certificate(error: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The refused certificate behind ``error`` (itself, or what it was raised from),
+    or None: a server whose certificate was refused is not one to retry until it answers,
+    but a setting (or a server) to fix."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        # aiohttp's wrapper is one too, but keeps OpenSSL's own as certificate_error.
+        inner = getattr(current, "certificate_error", None)
+        if isinstance(inner, ssl.SSLCertVerificationError):
+            return inner
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def certificate_reason(refusal: ssl.SSLCertVerificationError) -> str:
+    """Why OpenSSL refused it (``Hostname mismatch, certificate is not valid for 'x'``)."""
+    reason = getattr(refusal, "verify_message", None) or refusal.reason or refusal
+    return str(reason).rstrip(".")
+
+
+def certificate_fix(
+    refusal: ssl.SSLCertVerificationError, host_setting: str, ca_setting: str
+) -> str:
+    """What to do about a refused certificate: reach the server by a name its certificate
+    holds, trust the CA that signed it (``ca_setting``), or renew it."""
+    code = getattr(refusal, "verify_code", None)
+    if code in _NAME_MISMATCH_CODES:
+        return (
+            f"name the server in {host_setting} as its certificate does (the name is always "
+            "checked), or give it a certificate for the name used"
+        )
+    if code == _EXPIRED_CODE:
+        return "renew the server's certificate"
+    return f"set {ca_setting} to the PEM file of the CA that signed the server's certificate"

@@ -32,7 +32,7 @@ from worker.idempotency import (
 from worker.ops.outage import Outage
 from worker.replies import VendorReply
 from worker.results import Rejected, command_fields, now, outcome_of, rejection, result_event
-from worker.settings import HandlerTimings
+from worker.settings import HandlerTimings, PublisherBinding
 from worker.settlement import Action, DeliveryInfo, Settlement
 from worker.vendors import VendorCall, Vendors
 from worker.vendors.retries import RetryPolicy
@@ -60,6 +60,7 @@ class Handler:
         timings: HandlerTimings,
         owner: str,
         outage: Outage,
+        publishers: PublisherBinding | None = None,
     ) -> None:
         self._store = store
         self._vendors = vendors
@@ -67,6 +68,7 @@ class Handler:
         self._timings = timings
         self._owner = owner  # this process; each claim it makes is held in a name of its own
         self._outage = outage  # the stores' outage: calls to them are held through it
+        self._publishers = publishers  # who may act for which tenant; None: not checked
 
     async def handle(
         self, decoded: Command | Rejected, delivery: DeliveryInfo | None = None
@@ -77,6 +79,7 @@ class Handler:
             return await self._store_rejection(decoded.digest, event)
         command, delivery = decoded, delivery or DeliveryInfo()
         try:
+            self._check_publisher(command, delivery)
             self._check_deadline(command)
             call = self._vendors.call_for(command)  # tenant, account and region, checked once
         except CommandRejected as error:
@@ -150,6 +153,30 @@ class Handler:
 
     async def _complete(self, key: str, holder: str, event: ResultEvent) -> None:
         await self._held_through_outage(lambda: self._store.complete(key, holder, event))
+
+    def _check_publisher(self, command: Command, delivery: DeliveryInfo) -> None:
+        """A tenant bound to its publishers takes commands from them only: before the
+        claim, so another tenant's publisher learns nothing of its work, not even a
+        replay."""
+        binding, publisher = self._publishers, delivery.publisher
+        if binding is None or binding.allows(command.tenant, publisher):
+            return
+        tenant = command.tenant.lower()
+        setting = f"RELAY_TENANTS__{tenant.upper()}__PUBLISHERS"
+        if not binding.publishers.get(tenant):
+            fix = (f"tenant {tenant!r} names no publishers and this worker takes commands "
+                   f"only for tenants that do: its operator must name in {setting} the AMQP "
+                   "users that may act for it")
+        elif publisher is None:
+            fix = (f"tenant {tenant!r} takes commands only from its publishers, and this one "
+                   "has no user_id: publish it with the AMQP property user_id set to the "
+                   "user you connect as")
+        else:
+            fix = (f"the AMQP user {publisher[:64]!a} may not act for tenant {tenant!r}: "
+                   f"publish as one of the users {setting} names")
+        log.warning("publisher %a refused for tenant %r", publisher and publisher[:64], tenant,
+                    extra=dict(command_fields(command)))
+        raise CommandRejected(ErrorCode.FORBIDDEN_TENANT, fix)
 
     def _check_deadline(self, command: Command) -> None:
         if command.deadline is not None and command.deadline <= now():

@@ -42,7 +42,8 @@ class RelayService:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.loop = HandlerLoop()
         self.store: IdempotencyStore = open_store(
-            settings.idempotency_url, settings.claim_lease_s, settings.idempotency_retention_s
+            settings.idempotency_url, settings.claim_lease_s, settings.idempotency_retention_s,
+            settings.tls.redis,
         )
         policy = RetryPolicy.of(settings.retry)
         topology = Topology.from_settings(settings)
@@ -58,6 +59,7 @@ class RelayService:
             settings.handler_timings,
             self.owner,
             outage,
+            settings.publisher_binding,
         )
         self.consumer = CommandConsumer(
             settings.consumer,

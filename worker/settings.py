@@ -2,6 +2,8 @@
 
 Nested values use ``__``: ``RELAY_TENANTS__DEFAULT__ESET__PASSWORD=…`` sets the password
 of the ESET account of tenant ``default``. Secrets are ``SecretStr`` so they never print.
+Any setting may come from a file instead: ``RELAY_X_FILE``, or a file named ``RELAY_X`` in
+``RELAY_SECRETS_DIR`` (``worker/secret_files.py``).
 
 The one source of every default: components take their group (:attr:`Settings.consumer`,
 :attr:`Settings.handler_timings`, :attr:`Settings.retry`) and declare none of their own;
@@ -21,12 +23,27 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar, overload
+from urllib.parse import parse_qsl, urlsplit
 
 import platformdirs
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from schemas.commands import MAX_OBJECTS_PER_BATCH
+from worker.secret_files import (
+    FileVariablesSource,
+    secrets_directory_source,
+    without_file_variables,
+)
 
 EsetRegion = Literal["eu", "de", "us", "ca", "jpn"]
 AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
@@ -51,6 +68,38 @@ def _default_idempotency_url() -> str:
     return f"sqlite:///{data_dir() / 'idempotency.sqlite3'}"
 
 
+def is_https(url: str) -> bool:
+    """Whether a vendor URL (or host template) is https://."""
+    return urlsplit(url).scheme.lower() == "https"
+
+
+def _plain(value: object) -> str:
+    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """What a TLS client trusts and presents (the broker's ``amqps://``, Redis's
+    ``rediss://``). The server's certificate and its name are always verified;
+    ``ca_file`` names the CAs (PEM) that sign it (None: the system's), ``cert_file`` and
+    ``key_file`` a client certificate for a server that asks for one (None: none)."""
+
+    ca_file: Path | None
+    cert_file: Path | None
+    key_file: Path | None  # None with a cert_file: the key is in that file
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """TLS to the broker (``worker/broker/connection.py``), to Redis (the idempotency
+    and rate-limit stores) and to the vendors (``worker/vendors/transport.py``)."""
+
+    broker: TlsFiles
+    redis: TlsFiles
+    vendor_ca_file: Path | None  # the CAs vendor certificates are checked with; None: certifi's
+    vendor_proxy_url: SecretStr | None  # the proxy vendor calls go through; None: none
+
+
 @dataclass(frozen=True)
 class ConsumerSettings:
     """What the consumer needs (``worker/broker/consumer.py``)."""
@@ -65,6 +114,10 @@ class ConsumerSettings:
     lane_poll_interval_s: float  # how often lane backlogs are asked for (metrics)
     max_message_bytes: int
     reply_to_prefixes: tuple[str, ...]  # reply_to is honoured for these only
+    broker_tls: TlsFiles  # for amqps://
+    # Publishers are checked (Settings.publisher_binding): what the worker re-publishes
+    # (lanes, delay queues, dead letters) carries its publisher, under the worker's user_id.
+    bind_publishers: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +143,23 @@ class RateLimitSettings:
     storage_url: str  # memory:// or redis://…
     margin: float  # calls paced this much slower than the limit
     outage_hold_s: float  # how long a call waits for an unreachable pace store
+    storage_tls: TlsFiles  # for rediss://
+
+
+@dataclass(frozen=True)
+class PublisherBinding:
+    """Which AMQP users may publish commands for which tenant (``worker/handler.py``)."""
+
+    publishers: Mapping[str, frozenset[str]]  # by configured tenant (lower case)
+    required: bool  # a tenant naming none is refused, rather than open to every publisher
+
+    def allows(self, tenant: str, publisher: str | None) -> bool:
+        """Whether ``publisher`` (None: unknown) may act for ``tenant``. An unconfigured
+        tenant is not this check's to refuse (``unknown_tenant`` says so)."""
+        named = self.publishers.get(tenant.lower())
+        if named is None or not (named or self.required):
+            return True
+        return publisher in named
 
 
 @dataclass(frozen=True)
@@ -134,9 +204,29 @@ class SpaazaAccount(_Account):
 class Tenant(_Account):
     """The vendor accounts one tenant acts with; a command names the tenant, never a host."""
 
+    # A sandbox or test endpoint: its vendor URLs may be plain http://. Every other
+    # tenant's are https:// only (fylr's and Spaaza's base_url, RELAY_ESET_HOST_TEMPLATE).
+    sandbox: bool = False
     eset: EsetAccount | None = None
     fylr: FylrAccount | None = None
     spaaza: SpaazaAccount | None = None
+    # The AMQP users that may publish commands for it (the broker-validated user_id of a
+    # message, on RabbitMQ); none named: any publisher, unless require_publishers.
+    publishers: tuple[Annotated[str, Field(min_length=1)], ...] = ()
+
+    @field_validator("fylr", "spaaza")
+    @classmethod
+    def _https_only(
+        cls, account: FylrAccount | SpaazaAccount | None, info: ValidationInfo
+    ) -> FylrAccount | SpaazaAccount | None:
+        if account is not None and not info.data.get("sandbox") and not is_https(
+            account.base_url
+        ):
+            raise ValueError(
+                "its base_url is not an https:// URL: vendor calls go over TLS only; use "
+                "https://, or mark the tenant as a sandbox or test endpoint (SANDBOX=true)"
+            )
+        return account
 
     @property
     def vendors(self) -> list[str]:
@@ -190,7 +280,7 @@ class Settings(BaseSettings):
 
     # Broker: sqla+sqlite:// is the embedded default (in the user's data directory);
     # amqp:// selects RabbitMQ.
-    broker_url: str = Field(default_factory=_default_broker_url)
+    broker_url: str = Field(default_factory=_default_broker_url, repr=False)  # credentials
     command_exchange: str = "relay.commands"
     command_queue: str = "relay.commands"
     event_exchange: str = "relay.events"
@@ -222,7 +312,7 @@ class Settings(BaseSettings):
     reply_to_prefixes: tuple[str, ...] = ("relay.replies.", "amq.gen-", "amq.rabbitmq.reply-to")
 
     # Idempotency store: sqlite:///path (default: in the user's data directory) or redis://…
-    idempotency_url: str = Field(default_factory=_default_idempotency_url)
+    idempotency_url: str = Field(default_factory=_default_idempotency_url, repr=False)
     idempotency_retention_s: float = Field(default=24 * 3600, gt=0)
     # A holder renews its claim every third of this; a claim not renewed for this long
     # (its holder died) is taken over.
@@ -248,7 +338,7 @@ class Settings(BaseSettings):
     eset_host_template: str = "https://{region}.{service}.eset.systems"
     token_refresh_margin_s: float = Field(default=300, ge=0)
     rate_limits: dict[str, str] = {"eset": "10/second"}
-    rate_limit_url: str = "memory://"
+    rate_limit_url: str = Field(default="memory://", repr=False)
     rate_limit_margin: float = Field(default=0.03, ge=0, le=1)  # calls paced this much slower
     # ESET batch deletes of one tenant arriving within this window (and while their call
     # waits for the rate slot) go out as one call of at most batch_delete_max_objects
@@ -257,6 +347,90 @@ class Settings(BaseSettings):
     batch_delete_max_objects: int = Field(
         default=MAX_OBJECTS_PER_BATCH, ge=1, le=MAX_OBJECTS_PER_BATCH
     )
+
+    # TLS (README "TLS"). amqps:// and rediss:// always verify the server's certificate
+    # and name. A CA file (PEM) is trusted for the broker instead of the system's CAs, for
+    # Redis besides them; a client certificate (its key in the key file, or in the same
+    # file) is presented to a server that asks for one.
+    broker_tls_ca_file: FilePath | None = None
+    broker_tls_cert_file: FilePath | None = None
+    broker_tls_key_file: FilePath | None = None
+    redis_tls_ca_file: FilePath | None = None
+    redis_tls_cert_file: FilePath | None = None
+    redis_tls_key_file: FilePath | None = None
+    # Vendor calls are https:// only (but a sandbox tenant's). Their certificates are
+    # checked with these CAs (PEM) instead of certifi's bundle; they go through this
+    # proxy (http://[USER:PASSWORD@]HOST:PORT); no proxy is taken from the environment.
+    vendor_tls_ca_file: FilePath | None = None
+    vendor_proxy_url: SecretStr | None = None
+
+    @field_validator("broker_url", "idempotency_url", "rate_limit_url")
+    @classmethod
+    def _no_tls_options_in_url(cls, url: T, info: ValidationInfo) -> T:
+        query = urlsplit(_plain(url)).query
+        if any(name.lower().startswith("ssl") for name, _ in parse_qsl(query)):
+            server = "BROKER" if info.field_name == "broker_url" else "REDIS"
+            raise ValueError(
+                "TLS options in the URL (?ssl…) are not read: remove them, and set "
+                f"RELAY_{server}_TLS_CA_FILE, _CERT_FILE or _KEY_FILE instead"
+            )
+        return url
+
+    @field_validator(
+        "broker_tls_ca_file", "broker_tls_cert_file", "broker_tls_key_file",
+        "redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file",
+    )
+    @classmethod
+    def _tls_files_with_tls(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        """TLS files with no TLS URL to use them are a mistake: the connection they were
+        meant for would be plain."""
+        server, _, kind = str(info.field_name).partition("_tls_")
+        scheme = "amqps://" if server == "broker" else "rediss://"
+        names = ["broker_url"] if server == "broker" else ["idempotency_url", "rate_limit_url"]
+        urls = [info.data.get(name) for name in names]
+        if path is None or any(url is None for url in urls):
+            return path
+        if not any(_plain(url).startswith(scheme) for url in urls):
+            where = " or ".join(f"RELAY_{name.upper()}" for name in names)
+            raise ValueError(f"is set, but {where} does not use {scheme}: use {scheme}")
+        cert = f"{server}_tls_cert_file"
+        if kind == "key_file" and cert in info.data and info.data[cert] is None:
+            raise ValueError(f"a key without its certificate: set RELAY_{cert.upper()} too")
+        return path
+
+    @field_validator("vendor_proxy_url")
+    @classmethod
+    def _proxy_url(cls, url: SecretStr | None) -> SecretStr | None:
+        if url is None:
+            return None
+        try:
+            parts = urlsplit(url.get_secret_value())
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (
+                parts.port is None or parts.port > 0
+            )
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("should be a proxy URL: http://[USER:PASSWORD@]HOST:PORT")
+        return url
+
+    @field_validator("tenants")
+    @classmethod
+    def _eset_over_https(
+        cls, tenants: dict[str, Tenant], info: ValidationInfo
+    ) -> dict[str, Tenant]:
+        template = info.data.get("eset_host_template")
+        if template is None or is_https(template):
+            return tenants
+        plain = sorted(name for name, tenant in tenants.items()
+                       if tenant.eset is not None and not tenant.sandbox)
+        if plain:
+            raise ValueError(
+                f"RELAY_ESET_HOST_TEMPLATE is not an https:// URL, and {', '.join(plain)} "
+                "has an ESET account: vendor calls go over TLS only; use https://, or mark "
+                "the tenant as a sandbox or test endpoint (SANDBOX=true)"
+            )
+        return tenants
 
     # Operations
     shutdown_grace_s: float = Field(default=30, ge=0)  # SIGTERM: time to finish in-flight work
@@ -267,6 +441,11 @@ class Settings(BaseSettings):
     # A log line of counts (commands done by outcome, in flight, dead-lettered) this
     # often; 0: none.
     stats_interval_s: float = Field(default=60, ge=0)
+
+    # Security: a directory of files named like settings (read before the settings, see
+    # worker/secret_files.py), and whether a tenant naming no publishers is refused.
+    secrets_dir: Path | None = None
+    require_publishers: bool = False
 
     tenants: Annotated[dict[str, Tenant], AfterValidator(_tenant_map)] = Field(
         default_factory=TenantMap
@@ -296,6 +475,32 @@ class Settings(BaseSettings):
             delivery_s = min(delivery_s, self.retry_in_process_s + self.http_timeout_s)
         return (len(delays) + 1) * delivery_s + sum(delays)
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The environment, then ``RELAY_X_FILE`` files, then the secrets directory."""
+        directory = secrets_directory_source(settings_cls, file_secret_settings)
+        files = FileVariablesSource(settings_cls)
+        environment = without_file_variables(env_settings, settings_cls)
+        return (init_settings, environment, dotenv_settings, files,
+                *([directory] if directory is not None else []))
+
+    @property
+    def publisher_binding(self) -> PublisherBinding | None:
+        """Who may publish for which tenant; None when nothing is checked: the embedded
+        broker does not authenticate publishers, and with no tenant naming any (and
+        require_publishers off) every publisher may act for every tenant."""
+        named = {name: frozenset(tenant.publishers) for name, tenant in self.tenants.items()}
+        if not self.uses_rabbitmq or not (self.require_publishers or any(named.values())):
+            return None
+        return PublisherBinding(named, self.require_publishers)
+
     @property
     def uses_rabbitmq(self) -> bool:
         return self.broker_url.startswith(AMQP_SCHEMES)
@@ -313,6 +518,8 @@ class Settings(BaseSettings):
             lane_poll_interval_s=self.lane_poll_interval_s,
             max_message_bytes=self.max_message_bytes,
             reply_to_prefixes=self.reply_to_prefixes,
+            broker_tls=self.tls.broker,
+            bind_publishers=self.publisher_binding is not None,
         )
 
     @property
@@ -335,6 +542,7 @@ class Settings(BaseSettings):
             margin=self.rate_limit_margin,
             # A call waits for the pace store as long as a delivery may work.
             outage_hold_s=self.command_timeout_s,
+            storage_tls=self.tls.redis,
         )
 
     @property
@@ -343,6 +551,19 @@ class Settings(BaseSettings):
             max_attempts=self.retry_max_attempts,
             initial_wait_s=self.retry_initial_wait_s,
             max_wait_s=self.retry_max_wait_s,
+        )
+
+    @property
+    def tls(self) -> TlsSettings:
+        return TlsSettings(
+            broker=TlsFiles(
+                self.broker_tls_ca_file, self.broker_tls_cert_file, self.broker_tls_key_file
+            ),
+            redis=TlsFiles(
+                self.redis_tls_ca_file, self.redis_tls_cert_file, self.redis_tls_key_file
+            ),
+            vendor_ca_file=self.vendor_tls_ca_file,
+            vendor_proxy_url=self.vendor_proxy_url,
         )
 
 

@@ -41,3 +41,4 @@ class DeliveryInfo:
     retries: int = 0  # delayed retries already taken
     attempts: int = 0  # vendor calls made by earlier deliveries
     last_delivery: bool = False  # the broker dead-letters it if this delivery fails too
+    publisher: str | None = None  # the AMQP user that published it (worker/broker/origin.py)

@@ -27,7 +27,8 @@ def sandbox_tenants(base_url: str, accounts: Mapping[str, Iterable[str]]) -> dic
     for name, vendors in accounts.items():
         user = CONFIG.eset_username if name == "default" else eset_sub_account(name)
         own = {**tenant, "eset": {**tenant["eset"], "username": user}}
-        tenants[name] = {vendor: own[vendor] for vendor in vendors}
+        # The sandbox serves plain http: only a tenant marked as a sandbox may use it.
+        tenants[name] = {"sandbox": True, **{vendor: own[vendor] for vendor in vendors}}
     return tenants
 
 

@@ -27,6 +27,7 @@ from pydantic_settings import SettingsError
 from schemas.commands import TENANT_PATTERN
 from worker.admin import UserError
 from worker.idempotency import REDIS_SCHEMES, SQLITE_SCHEME
+from worker.secret_files import SettingsFileError, file_variable_target
 from worker.settings import AMQP_SCHEMES, APP_NAME, Settings
 
 PREFIX = "RELAY_"
@@ -115,6 +116,8 @@ def _fix_for(kind: str) -> str:
 
 
 def _unparsable(error: SettingsError) -> Problem:
+    if isinstance(error, SettingsFileError):  # a setting's file, or the secrets directory
+        return Problem("error", error.name, error.problem, error.fix)
     match = re.search(r'field "(\w+)"', str(error))
     name = env_name((match.group(1),)) if match else "RELAY_*"
     return Problem("error", name, "is not valid JSON", "write the value as a JSON document")
@@ -213,6 +216,7 @@ def check(settings: Settings, environ: Mapping[str, str] | None = None) -> list[
         *rate_limit_problems(settings),
         *template_problems(settings.eset_host_template),
         *tenant_problems(settings),
+        *publisher_problems(settings),
         *_queue_problems(settings),
     ]
     return _ordered(problems)
@@ -233,7 +237,7 @@ def unknown_names(environ: Mapping[str, str]) -> list[Problem]:
     known = [PREFIX + name.upper() for name in fields]
     problems = []
     for raw_name in sorted(environ):
-        name = raw_name.upper()
+        name = file_variable_target(raw_name, Settings) or raw_name.upper()  # X_FILE sets X
         if not name.startswith(PREFIX) or name.startswith(FOREIGN_PREFIXES):
             continue
         top, nested, rest = name.removeprefix(PREFIX).partition("__")
@@ -370,12 +374,52 @@ def tenant_problems(settings: Settings) -> list[Problem]:
                     "error", f"{prefix}__{vendor.upper()}__BASE_URL",
                     "is not an http(s) URL with a host", "write it like https://HOST",
                 ))
+            elif account is not None and "@" in urlsplit(account.base_url).netloc:
+                problems.append(Problem(
+                    "error", f"{prefix}__{vendor.upper()}__BASE_URL",
+                    "carries a user and password, which vendor calls can not send (the "
+                    "account's own credentials are sent)", "remove USER:PASSWORD@ from it",
+                ))
         fylr = tenant.fylr
         if fylr is not None and (fylr.username is None) != (fylr.password is None):
             problems.append(Problem(
                 "warning", f"{prefix}__FYLR", "has a username or a password, not both, so "
                 "the client credentials grant is used",
                 "set both USERNAME and PASSWORD for the password grant, or neither",
+            ))
+    return problems
+
+
+def publisher_problems(settings: Settings) -> list[Problem]:
+    """Tenants bound to their publishers (README: "Publishers bound to tenants")."""
+    named = sorted(name for name, tenant in settings.tenants.items() if tenant.publishers)
+    if not settings.uses_rabbitmq:
+        if not named and not settings.require_publishers:
+            return []
+        where = env_name(("tenants", named[0], "publishers")) if named else (
+            "RELAY_REQUIRE_PUBLISHERS")
+        return [Problem(
+            "warning", where, "the embedded broker does not authenticate publishers, so "
+            "publishers are not checked", "use RabbitMQ (RELAY_BROKER_URL=amqp://…) to bind "
+            "tenants to their publishers",
+        )]
+    problems = []
+    for tenant_name, tenant in sorted(settings.tenants.items()):
+        name = env_name(("tenants", tenant_name, "publishers"))
+        if tenant.publishers:
+            continue
+        if settings.require_publishers:
+            problems.append(Problem(
+                "error", name, "is not set, and RELAY_REQUIRE_PUBLISHERS refuses every "
+                "command for a tenant naming no publishers (forbidden_tenant)",
+                f"""set {name}='["AMQP_USER"]'""",
+            ))
+        elif named:
+            problems.append(Problem(
+                "warning", name, "is not set, so every publisher may act for this tenant, "
+                f"those of {', '.join(named)} included",
+                f"""set {name}='["AMQP_USER"]', or RELAY_REQUIRE_PUBLISHERS=true to refuse """
+                "its commands",
             ))
     return problems
 

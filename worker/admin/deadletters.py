@@ -37,6 +37,7 @@ from schemas.events import ErrorCode, ResultEvent
 from worker.admin import UserError
 from worker.broker.connection import connect
 from worker.broker.decoding import decode_message
+from worker.broker.origin import carry_publisher, worker_user
 from worker.broker.topology import Topology
 from worker.handler import REJECTION_KEY_PREFIX, rejection_digest  # how a rejection is keyed
 from worker.idempotency import IdempotencyStore, StoredRecord
@@ -160,11 +161,16 @@ class DeadLetterQueue:
         self._settings = settings
         self._topology = Topology.from_settings(settings)
         self._connection: Connection | None = None
+        self._own_user: str | None = None  # publishers are checked: copies carry theirs
 
     def __enter__(self) -> DeadLetterQueue:
         # Waits for the broker's confirm of each copy before the original is acked.
-        self._connection = connect(self._settings.broker_url, heartbeat_s=0)
+        self._connection = connect(
+            self._settings.broker_url, heartbeat_s=0, tls=self._settings.tls.broker
+        )
         self._connection.connect()
+        if self._settings.publisher_binding is not None:
+            self._own_user = worker_user(self._connection)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -294,6 +300,9 @@ class DeadLetterQueue:
         self, producer: Producer, message: Message, queue: str, headers: dict[str, Any]
     ) -> None:
         properties = message.properties or {}
+        # Its publisher goes with it (worker/broker/origin.py): believed by the worker
+        # when this connection's user is the worker's own.
+        origin = carry_publisher(message, headers, self._own_user)
         producer.publish(
             _body(message),
             exchange="",
@@ -308,6 +317,7 @@ class DeadLetterQueue:
             priority=properties.get("priority"),
             timestamp=properties.get("timestamp"),
             retry=False,
+            **origin,
         )
 
 

@@ -13,7 +13,13 @@ from sqlalchemy.exc import OperationalError as SqlError
 
 from worker.admin import UserError
 from worker.admin.config import safe_url
-from worker.errors import StoreUnavailable
+from worker.broker.connection import BrokerCertificateRefused
+from worker.errors import (
+    StoreUnavailable,
+    certificate_fix,
+    certificate_reason,
+    refused_certificate,
+)
 
 BROKER_SETTING = "RELAY_BROKER_URL"
 
@@ -32,6 +38,9 @@ def broker_errors(url: str) -> Iterator[None]:
 
 def broker_mistake(error: BaseException, url: str) -> UserError | None:
     where = safe_url(url)
+    refused = BrokerCertificateRefused.behind(error, url)
+    if refused is not None:  # before OSError: an SSL error is one, but not an outage
+        return UserError(refused.problem, refused.fix)
     if isinstance(error, AccessRefused):
         return UserError(
             f"the broker at {where} refused the login",
@@ -65,6 +74,13 @@ def store_errors(url: str) -> Iterator[None]:
     try:
         yield
     except StoreUnavailable as error:
+        refusal = refused_certificate(error)
+        if refusal is not None:
+            raise UserError(
+                f"the idempotency store at {safe_url(url)} presented a TLS certificate that "
+                f"was refused ({certificate_reason(refusal)})",
+                certificate_fix(refusal, "RELAY_IDEMPOTENCY_URL", "RELAY_REDIS_TLS_CA_FILE"),
+            ) from error
         raise UserError(
             f"the idempotency store at {safe_url(url)} does not answer "
             f"({_reason(error.__cause__ or error)})",

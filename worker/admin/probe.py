@@ -19,7 +19,7 @@ from worker.admin.mistakes import broker_mistake
 from worker.broker.connection import connect
 from worker.errors import PermanentFailure, RelayError
 from worker.idempotency import REDIS_SCHEMES, open_store
-from worker.settings import EsetAccount, FylrAccount, Settings
+from worker.settings import EsetAccount, FylrAccount, Settings, TlsFiles
 from worker.vendors import eset, fylr
 from worker.vendors.auth import OAuthToken
 from worker.vendors.transport import VendorClient
@@ -36,7 +36,7 @@ def _probe_broker(settings: Settings) -> Problem:
     name = "RELAY_BROKER_URL"
     url = settings.broker_url
     try:
-        with connect(url, heartbeat_s=0) as connection:
+        with connect(url, heartbeat_s=0, tls=settings.tls.broker) as connection:
             connection.connect()
             depths = [
                 _depth(connection, queue)
@@ -64,9 +64,11 @@ def _depth(connection: Connection, queue: str) -> str:
 async def _probe_async(settings: Settings) -> list[Problem]:
     results = [await _probe_store(settings)]
     if settings.rate_limit_url.startswith(REDIS_SCHEMES):
-        results.append(await _probe_redis("RELAY_RATE_LIMIT_URL", settings.rate_limit_url))
+        results.append(await _probe_redis(
+            "RELAY_RATE_LIMIT_URL", settings.rate_limit_url, settings.tls.redis
+        ))
     timeout_s = min(settings.http_timeout_s, PROBE_TIMEOUT_S)
-    client = VendorClient(1, timeout_s, None, settings.max_response_bytes)
+    client = VendorClient(1, timeout_s, None, settings.max_response_bytes, settings.tls)
     try:
         for tenant_name, tenant in sorted(settings.tenants.items()):
             if tenant.eset is not None:
@@ -94,7 +96,9 @@ async def _probe_store(settings: Settings) -> Problem:
     name = "RELAY_IDEMPOTENCY_URL"
     url = settings.idempotency_url
     try:
-        store = open_store(url, settings.claim_lease_s, settings.idempotency_retention_s)
+        store = open_store(
+            url, settings.claim_lease_s, settings.idempotency_retention_s, settings.tls.redis
+        )
         try:
             await asyncio.wait_for(store.ping(), PROBE_TIMEOUT_S)
         finally:
@@ -107,11 +111,13 @@ async def _probe_store(settings: Settings) -> Problem:
     return Problem("ok", name, f"{safe_url(url)} answers", "")
 
 
-async def _probe_redis(name: str, url: str) -> Problem:
+async def _probe_redis(name: str, url: str, tls: TlsFiles) -> Problem:
     from redis.asyncio import Redis  # the redis extra, there when the URL is Redis's
 
+    from worker.idempotency.redis import tls_options
+
     redis = Redis.from_url(url, socket_timeout=PROBE_TIMEOUT_S,
-                           socket_connect_timeout=PROBE_TIMEOUT_S)
+                           socket_connect_timeout=PROBE_TIMEOUT_S, **tls_options(url, tls))
     try:
         await redis.ping()
     except Exception as error:

@@ -39,9 +39,10 @@ from opentelemetry.trace import Span, StatusCode
 from schemas.commands import Command
 from schemas.events import ErrorCode, ErrorInfo, ResultEvent
 from worker.broker.confirms import Confirms
-from worker.broker.connection import connect, is_amqp
+from worker.broker.connection import BrokerCertificateRefused, connect, is_amqp
 from worker.broker.decoding import decode_message, fields_of, preview, usable_text
 from worker.broker.lanes import Lane, LaneMonitor
+from worker.broker.origin import publisher_of, worker_user
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Topology
 from worker.errors import StoreUnavailable
@@ -97,7 +98,7 @@ class CommandConsumer:
         self._metrics = telemetry.instruments
         self.lane_monitor = LaneMonitor(
             topology.lanes.values(), self._metrics, settings.broker_url,
-            settings.lane_poll_interval_s,
+            settings.lane_poll_interval_s, settings.broker_tls,
         )
         self._finished: deque[tuple[Delivery, asyncio.Task[Settlement]]] = deque()
         self._tasks: set[asyncio.Task[Settlement]] = set()  # strong references while running
@@ -110,6 +111,8 @@ class CommandConsumer:
         self._publisher: Publisher | None = None
         probe = self.connection()
         self._connection_errors = (*probe.connection_errors, *probe.channel_errors)
+        # Publishers are checked: the user whose copies carry a command's publisher.
+        self._own_user = worker_user(probe) if settings.bind_publishers else None
         self.connected = threading.Event()
 
     @property
@@ -125,6 +128,7 @@ class CommandConsumer:
             settings.poll_interval_s,
             settings.heartbeat_s,
             wait_for_confirms=False,
+            tls=settings.broker_tls,
         )
 
     async def run(self, stop: threading.Event) -> None:
@@ -136,6 +140,9 @@ class CommandConsumer:
                     await self._consume(connection, stop)
                 return
             except (OSError, *self._connection_errors) as error:
+                refused = BrokerCertificateRefused.behind(error, self._settings.broker_url)
+                if refused is not None:  # a setting to fix: reconnecting would only hide it
+                    raise refused from error
                 log.warning("broker connection lost (%r)", error)
             except Exception:
                 # A bug, not the broker: the connection is started anew (its unacked
@@ -157,7 +164,7 @@ class CommandConsumer:
         channel, lane_channels = await asyncio.to_thread(self._open, connection, len(lanes))
         confirms = Confirms(channel, enabled=is_amqp(self._settings.broker_url))
         publisher = self._publisher = Publisher(
-            Producer(channel), self.topology, self._telemetry.tracer, confirms
+            Producer(channel), self.topology, self._telemetry.tracer, confirms, self._own_user
         )
         with contextlib.ExitStack() as consuming:
             consumers = [
@@ -355,6 +362,7 @@ class CommandConsumer:
             retries=_count(headers.get("x-relay-retries")),
             attempts=_count(headers.get("x-relay-attempts")),
             last_delivery=redeliveries >= self._settings.delivery_limit - 1,
+            publisher=publisher_of(message, self._own_user),
         )
 
     def _settle_finished(self, publisher: Publisher) -> None:

@@ -37,7 +37,7 @@ from schemas.commands import (
 )
 from worker.broker.connection import connect
 from worker.ops.telemetry import Instruments
-from worker.settings import Settings, calls_per_s
+from worker.settings import Settings, TlsFiles, calls_per_s
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,13 @@ class LaneMonitor:
     """
 
     def __init__(
-        self, lanes: Iterable[Lane], instruments: Instruments, broker_url: str, interval_s: float
+        self, lanes: Iterable[Lane], instruments: Instruments, broker_url: str, interval_s: float,
+        tls: TlsFiles | None = None,
     ) -> None:
         self._lanes = list(lanes)
         self._instruments = instruments
         self._broker_url = broker_url
+        self._tls = tls
         self._interval_s = interval_s
         self._last_laned_at: dict[str, float] = {}
 
@@ -127,7 +129,7 @@ class LaneMonitor:
         """Ask for the backlogs until ``stop`` is set (the body of a thread)."""
         while self._lanes and not stop.wait(self._interval_s):
             try:
-                with connect(self._broker_url, heartbeat_s=0) as connection:
+                with connect(self._broker_url, heartbeat_s=0, tls=self._tls) as connection:
                     channel = connection.channel()
                     while True:
                         self._poll(channel)

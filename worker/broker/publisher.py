@@ -19,6 +19,7 @@ from opentelemetry.trace import Span, Tracer
 from schemas.events import EVENT_CONTENT_TYPE, ResultEvent
 from worker.broker.confirms import Confirms
 from worker.broker.lanes import LANED_AT_HEADER
+from worker.broker.origin import carry_publisher
 from worker.broker.topology import Topology
 from worker.ops.telemetry import messaging_attributes, trace_headers
 
@@ -33,12 +34,20 @@ class Publisher:
     dead-letter queue. Every publish is counted into the open confirm group."""
 
     def __init__(
-        self, producer: Producer, topology: Topology, tracer: Tracer, confirms: Confirms
+        self,
+        producer: Producer,
+        topology: Topology,
+        tracer: Tracer,
+        confirms: Confirms,
+        own_user: str | None = None,
     ) -> None:
         self._producer = producer
         self._topology = topology
         self._tracer = tracer
         self.confirms = confirms
+        # Publishers are checked: a command moved on carries its publisher, published as
+        # this user (worker/broker/origin.py).
+        self._own_user = own_user
 
     def publish_event(
         self, event: ResultEvent, command: Message, parent: Span, reply_to: str | None
@@ -80,8 +89,10 @@ class Publisher:
         self._forward(command, queue, headers)
 
     def _forward(self, command: Message, queue: str, headers: dict[str, Any]) -> None:
-        """The command's body and properties, unchanged, to ``queue``, with ``headers``."""
+        """The command's body and properties, unchanged, to ``queue``, with ``headers``
+        (and its publisher, when publishers are checked)."""
         properties = command.properties
+        origin = carry_publisher(command, headers, self._own_user)
         body = command.body
         # Bytes as they came: kombu would otherwise encode a text body in the message's
         # own (publisher-chosen, maybe unknown) content_encoding.
@@ -98,6 +109,7 @@ class Publisher:
             correlation_id=properties.get("correlation_id"),
             reply_to=properties.get("reply_to"),
             retry=False,
+            **origin,
         )
         self.confirms.published()
 

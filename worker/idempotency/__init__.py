@@ -16,6 +16,7 @@ from worker.idempotency.store import (
     StoredRecord,
     fingerprint,
 )
+from worker.settings import TlsFiles
 
 __all__ = [
     "ClaimResult",
@@ -35,11 +36,15 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 SQLITE_SCHEME = "sqlite:///"
 
 
-def open_store(url: str, lease_s: float, retention_s: float) -> IdempotencyStore:
+def open_store(
+    url: str, lease_s: float, retention_s: float, tls: TlsFiles | None = None
+) -> IdempotencyStore:
+    """The store of ``url``; ``tls``: the CA and client certificate of ``rediss://``
+    (``Settings.tls.redis``), whose certificate and name are verified either way."""
     if url.startswith(REDIS_SCHEMES):
         from worker.idempotency.redis import RedisStore  # the redis extra: a fleet only
 
-        return RedisStore(url, lease_s, retention_s)
+        return RedisStore(url, lease_s, retention_s, tls)
     if url.startswith(SQLITE_SCHEME):
         return SqliteStore(Path(url.removeprefix(SQLITE_SCHEME)), lease_s, retention_s)
     raise ValueError(f"unsupported idempotency store URL {url!r}: use sqlite:/// or redis://")

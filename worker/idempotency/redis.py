@@ -19,10 +19,12 @@ from schemas.events import ResultEvent
 from worker.errors import StoreUnavailable
 from worker.idempotency.batch import ScriptBatcher
 from worker.idempotency.store import Claimed, ClaimResult, StoredRecord, _decide
+from worker.settings import TlsFiles
 
 # Redis away (refused, reset, loading, timed out): the command is held, not failed.
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 SOCKET_TIMEOUT_S = 5.0  # a Redis that accepts and never answers counts as away
+TLS_SCHEME = "rediss://"
 
 KEY_PREFIX = "relay:idempotency:"
 COMMAND_ID_PREFIX = "relay:command-id:"  # -> the key the command claimed or completed
@@ -90,10 +92,29 @@ return 0
 """
 
 
+def tls_options(url: str, tls: TlsFiles | None) -> dict[str, Any]:
+    """redis-py's TLS arguments for ``url``: none but for ``rediss://``, where the server's
+    certificate is required and must name the URL's host whatever redis-py's defaults
+    (before redis-py 6 it checked no name). ``tls`` (``Settings.tls.redis``) adds a CA
+    file, trusted besides the system's CAs, and a client certificate and key."""
+    if not url.startswith(TLS_SCHEME):
+        return {}
+    options: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+    if tls is not None:
+        files = {
+            "ssl_ca_certs": tls.ca_file, "ssl_certfile": tls.cert_file, "ssl_keyfile": tls.key_file
+        }
+        options.update({name: str(path) for name, path in files.items() if path is not None})
+    return options
+
+
 class RedisStore:
-    def __init__(self, url: str, lease_s: float, retention_s: float) -> None:
+    def __init__(
+        self, url: str, lease_s: float, retention_s: float, tls: TlsFiles | None = None
+    ) -> None:
         self._redis = Redis.from_url(
-            url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
+            url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S,
+            **tls_options(url, tls),
         )
         self._lease_s = lease_s
         self._retention_ms = int(retention_s * 1000)

@@ -23,6 +23,8 @@ SECRET_PATTERNS = (
         r"(?i)((?:access_token|refresh_token|password|client_secret|token_secret|secret)"
         r"[\"']?\s*[:=]\s*[\"']?)[^\s\"'&,}]+"
     ),
+    # A URL's user and password: amqp://relay:pw@rabbit → amqp://[redacted]@rabbit
+    re.compile(r"(?i)(\b[a-z][a-z0-9+.\-]*://)[^\s/?#]+(?=@)"),
 )
 REDACTED = "[redacted]"
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"

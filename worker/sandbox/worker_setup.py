@@ -15,8 +15,10 @@ from worker.settings import EsetAccount, FylrAccount, Settings, SpaazaAccount, T
 
 
 def sandbox_tenant(base_url: str, config: SandboxConfig) -> Tenant:
-    """Accounts for the sandbox's built-in credentials."""
+    """Accounts for the sandbox's built-in credentials, marked as a sandbox: it is served
+    over plain http://, which only a sandbox tenant may use."""
     return Tenant(
+        sandbox=True,
         eset=EsetAccount(
             region="eu", username=config.eset_username, password=SecretStr(config.eset_password)
         ),

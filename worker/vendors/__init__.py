@@ -130,10 +130,12 @@ class Vendors:
     def tenant(self, name: str) -> Tenant:
         tenant = self._settings.tenants.get(name)
         if tenant is None:
-            known = ", ".join(sorted(self._settings.tenants)) or "none"
+            # The others are not named: on a shared broker, one customer's publisher
+            # must not learn the other customers' tenant names.
             raise CommandRejected(
                 ErrorCode.UNKNOWN_TENANT,
-                f"tenant {name!r} is not configured here (configured: {known})",
+                f"tenant {name!r} is not configured here: check the tenant's name, or ask "
+                "the operator to configure it (command-relay check lists the tenants)",
             )
         return tenant
 
@@ -253,7 +255,7 @@ class Vendors:
         settings = self._settings
         client = VendorClient(
             settings.concurrency, settings.http_timeout_s, self._transport,
-            settings.max_response_bytes,
+            settings.max_response_bytes, settings.tls,
         )
         self._http_clients.append(client)
         return client

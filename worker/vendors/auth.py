@@ -17,7 +17,7 @@ from pydantic import SecretStr
 
 from schemas.events import ErrorCode
 from worker.errors import PermanentFailure, TransientFailure
-from worker.vendors.transport import VendorClient
+from worker.vendors.transport import VendorClient, transport_failure
 
 Form = dict[str, str | SecretStr]
 
@@ -91,10 +91,7 @@ class OAuthToken:
         try:
             response = await self._client.post(self._token_url, data=plain)
         except httpx.TransportError as error:
-            raise TransientFailure(
-                ErrorCode.VENDOR_UNAVAILABLE,
-                f"{self._vendor} token endpoint could not be reached: {type(error).__name__}",
-            ) from error
+            raise transport_failure(f"{self._vendor} token endpoint", error) from error
         if response.status_code >= 500 or response.status_code == 429:
             raise TransientFailure(
                 ErrorCode.VENDOR_UNAVAILABLE,

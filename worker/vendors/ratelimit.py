@@ -34,7 +34,7 @@ from typing import Protocol
 
 from worker.errors import StoreUnavailable
 from worker.ops.outage import Outage
-from worker.settings import RateLimitSettings, window_s_and_amount
+from worker.settings import RateLimitSettings, TlsFiles, window_s_and_amount
 
 KEY_PREFIX = "relay:pace:"
 LOG_KEY_PREFIX = "relay:sent:"
@@ -132,14 +132,15 @@ class MemoryPacer:
 class RedisPacer:
     """For a fleet: one pace per account across every replica."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tls: TlsFiles) -> None:
         from redis.asyncio import Redis  # the redis extra: only a fleet needs it
 
-        from worker.idempotency.redis import SOCKET_TIMEOUT_S, UNREACHABLE
+        from worker.idempotency.redis import SOCKET_TIMEOUT_S, UNREACHABLE, tls_options
 
         self._unreachable = UNREACHABLE
         self._redis = Redis.from_url(
-            url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
+            url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S,
+            **tls_options(url, tls),
         )
         self._reserve = self._redis.register_script(RESERVE_SCRIPT)
         self._admit = self._redis.register_script(ADMIT_SCRIPT)
@@ -180,7 +181,9 @@ class RateLimits:
             window_s, amount = window_s_and_amount(text)
             self._limits[vendor] = (window_s * (1 + settings.margin), amount)
         url = settings.storage_url
-        self.pacer: Pacer = MemoryPacer() if url == "memory://" else RedisPacer(url)
+        self.pacer: Pacer = (
+            MemoryPacer() if url == "memory://" else RedisPacer(url, settings.storage_tls)
+        )
         self._outage = outage
         self._outage_hold_s = settings.outage_hold_s
 

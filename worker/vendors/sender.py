@@ -14,17 +14,23 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from opentelemetry import trace
 
 from schemas.events import ErrorCode, VendorName
-from worker.errors import PermanentFailure, TransientFailure, VendorThrottled, Withheld
+from worker.errors import (
+    PermanentFailure,
+    RelayError,
+    TransientFailure,
+    VendorThrottled,
+    Withheld,
+)
 from worker.ops.telemetry import Telemetry
 from worker.replies import VendorReply, VendorRequest, retry_after_s
 from worker.vendors.retries import RetryPolicy
-from worker.vendors.transport import TOO_LARGE_HEADER, VendorClient
+from worker.vendors.transport import TOO_LARGE_HEADER, VendorClient, transport_failure
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 # While collecting, 504 means "ESET gave up waiting": not a pause to retry through.
@@ -276,12 +282,15 @@ def _fail_if_mutation(request: VendorRequest, reply: VendorReply) -> None:
         )
 
 
-def _unreachable(request: VendorRequest, span: trace.Span, error: Exception) -> TransientFailure:
+def _unreachable(
+    request: VendorRequest, span: trace.Span, error: httpx.TransportError
+) -> RelayError:
+    """Transient, but for a refused certificate: that fails for good."""
+    failure = transport_failure(request.vendor, error)
     span.set_attribute("error.type", type(error).__name__)
-    return TransientFailure(
-        ErrorCode.VENDOR_UNAVAILABLE,
-        f"{request.vendor} could not be reached: {type(error).__name__}",
-    )
+    if not failure.retryable:
+        span.set_status(trace.StatusCode.ERROR, failure.message)
+    return failure
 
 
 def _span_attributes(
@@ -290,7 +299,7 @@ def _span_attributes(
     url = urlsplit(request.url)
     attributes: dict[str, str | int | bool] = {
         "http.request.method": request.method,
-        "url.full": request.url,
+        "url.full": _without_credentials(request.url),
         "url.template": request.route,
         "server.address": url.hostname or "",
         "relay.vendor": request.vendor,
@@ -303,6 +312,17 @@ def _span_attributes(
     if response_id is not None:
         attributes["relay.vendor.response_id"] = response_id
     return attributes
+
+
+def _without_credentials(url: str) -> str:
+    """``url`` with the user and password it may carry (a ``base_url`` of
+    ``https://user:pw@host``) replaced by ``REDACTED``, as the semantic conventions ask
+    of ``url.full``."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"REDACTED:REDACTED@{host}"))
 
 
 def _record_response(span: trace.Span, response: httpx.Response) -> None:

@@ -8,15 +8,33 @@ layers (cookie jar, auth and redirect flows, URL merging), none of which a vendo
 uses: auth is ours, redirects are refused and no vendor sets cookies. That CPU is what
 bounds commands per second; the figures, and the command that measures them
 (``python -m bench.http_clients``), are in ``bench/README.md``.
+
+TLS: a vendor's certificate and host name are checked with certifi's CAs, or only with
+those of ``RELAY_VENDOR_TLS_CA_FILE``; with ``RELAY_VENDOR_PROXY_URL`` calls go through
+that proxy (a CONNECT tunnel, so TLS still ends at the vendor); no proxy or CA is taken
+from the environment. A refused certificate fails the call for good
+(:func:`transport_failure`): retrying would meet the same certificate.
 """
 
 from __future__ import annotations
 
+import base64
+import ssl
 from functools import lru_cache
 from typing import Any
 
 import httpx
 from httpx_aiohttp import AiohttpTransport
+
+from schemas.events import ErrorCode
+from worker.errors import (
+    PermanentFailure,
+    RelayError,
+    TransientFailure,
+    certificate_reason,
+    refused_certificate,
+)
+from worker.settings import TlsSettings
 
 USER_AGENT = "command-relay/0.1"
 # Uncompressed answers: a compressed one could inflate far past the body limit in one read.
@@ -40,13 +58,18 @@ class VendorClient:
         timeout_s: float,
         transport: httpx.AsyncBaseTransport | None,
         max_body_bytes: int,
+        tls: TlsSettings | None = None,
     ) -> None:
         """``transport`` lets tests swap the network; the aiohttp session behind the
         default one is made on first use, inside the handler loop. An answer's body is
         kept up to ``max_body_bytes`` (decoded); a larger one is dropped, and the answer
-        carries the ``x-relay-body-too-large`` header instead."""
+        carries the ``x-relay-body-too-large`` header instead. ``tls`` (``Settings.tls``):
+        the CAs vendor certificates are checked with and the proxy calls go through;
+        None: certifi's CAs, no proxy."""
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        self._transport = transport or AiohttpTransport(limits=limits, trust_env=False)
+        self._transport = transport or AiohttpTransport(
+            verify=_verify(tls), proxy=_proxy(tls), limits=limits, trust_env=False
+        )
         self._timeout = httpx.Timeout(timeout_s).as_dict()
         self._max_body_bytes = max_body_bytes
 
@@ -102,6 +125,46 @@ class VendorClient:
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+
+
+def transport_failure(where: str, error: httpx.TransportError) -> RelayError:
+    """What an exchange that got no answer means: a refused certificate fails for good
+    (with what to fix), anything else (refused, reset, timed out) may pass."""
+    refusal = refused_certificate(error)
+    if refusal is not None:
+        return PermanentFailure(
+            ErrorCode.VENDOR_UNAVAILABLE,
+            f"{where} presented a TLS certificate that was refused "
+            f"({certificate_reason(refusal)}); if a private CA (or a TLS-inspecting proxy) "
+            "signs it, set RELAY_VENDOR_TLS_CA_FILE to that CA's PEM file, else check the "
+            "tenant's host",
+        )
+    return TransientFailure(
+        ErrorCode.VENDOR_UNAVAILABLE, f"{where} could not be reached: {type(error).__name__}"
+    )
+
+
+def _verify(tls: TlsSettings | None) -> ssl.SSLContext | bool:
+    """True: httpx's default (certifi's CAs, names checked); else a context with only the
+    configured CAs (names checked as well)."""
+    if tls is None or tls.vendor_ca_file is None:
+        return True
+    return ssl.create_default_context(cafile=str(tls.vendor_ca_file))
+
+
+def _proxy(tls: TlsSettings | None) -> httpx.Proxy | None:
+    """The proxy, the credentials of its URL sent as a ``Proxy-Authorization`` header
+    (aiohttp deprecates its ``proxy_auth``, which httpx-aiohttp would use for them)."""
+    if tls is None or tls.vendor_proxy_url is None:
+        return None
+    url = httpx.URL(tls.vendor_proxy_url.get_secret_value())
+    if not (url.username or url.password):
+        return httpx.Proxy(url)
+    credentials = base64.b64encode(f"{url.username}:{url.password}".encode()).decode()
+    return httpx.Proxy(
+        url.copy_with(username=None, password=None),
+        headers={"Proxy-Authorization": f"Basic {credentials}"},
+    )
 
 
 @lru_cache(maxsize=1024)
