@@ -77,6 +77,7 @@ class ConnectProxy:
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._stop: asyncio.Event | None = None
+        self._tunnels: set[asyncio.Task[None]] = set()
         self._thread = threading.Thread(target=self._loop.run_until_complete,
                                         args=(self._serve(),), daemon=True)
 
@@ -89,6 +90,8 @@ class ConnectProxy:
         if self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
@@ -97,8 +100,16 @@ class ConnectProxy:
         self._started.set()
         async with server:
             await self._stop.wait()
+        # Kept-alive tunnels outlive the server: end them here, not at interpreter exit.
+        for task in self._tunnels:
+            task.cancel()
+        await asyncio.gather(*self._tunnels, return_exceptions=True)
 
     async def _tunnel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tunnels.add(task)
+        task.add_done_callback(self._tunnels.discard)
         head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         method, target, _ = head[0].split(" ", 2)
         fields = (line.partition(":") for line in head[1:] if line)
