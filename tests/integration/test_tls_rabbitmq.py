@@ -11,9 +11,6 @@ certificate. Without ``rabbitmqctl`` for the local node the tests skip, and fail
 from __future__ import annotations
 
 import base64
-import os
-import shutil
-import socket
 import ssl
 import subprocess
 import uuid
@@ -28,13 +25,16 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from bench.rig.procs import free_port
 from worker.broker.connection import BrokerCertificateRefused, connect
 from worker.sandbox import SandboxServer
 from worker.sandbox.worker_setup import demo_commands
 from worker.settings import TlsFiles
 
+from ..chaos.broker import RabbitCtl
 from ..command_line import assert_said_in_a_line_or_two, cli_env, run_cli
 from ..harness import running_relay
+from ..servers import unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -57,45 +57,8 @@ class TlsBroker:
         return f"amqps://{self.user}:{self.password}@{host}:{port or self.port}//"
 
 
-def _rabbitmqctl() -> tuple[list[str], dict[str, str]] | None:
-    """``rabbitmqctl`` of the local node, as ``.ci/services`` names it; None if absent."""
-    path = shutil.which("rabbitmqctl") or shutil.which("rabbitmqctl", path="/usr/sbin:/sbin")
-    if path is None:
-        return None
-    argv = [path]
-    if os.geteuid() != 0 and shutil.which("sudo"):
-        argv = ["sudo", "-n", "--preserve-env=RABBITMQ_NODENAME", path]
-    env = dict(os.environ)
-    short_host = socket.gethostname().split(".")[0]
-    if "RABBITMQ_NODENAME" not in env:
-        try:
-            socket.getaddrinfo(short_host, None)
-        except OSError:  # as .ci/services: a node on a host whose name does not resolve
-            env["RABBITMQ_NODENAME"] = "rabbit@localhost"
-    return argv, env
-
-
-def _eval(ctl: tuple[list[str], dict[str, str]], expression: str) -> str:
-    argv, env = ctl
-    done = subprocess.run(
-        [*argv, "-q", "eval", expression], env=env, capture_output=True, text=True,
-        timeout=CTL_TIMEOUT_S, stdin=subprocess.DEVNULL,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl eval failed: {done.stderr.strip() or done.stdout}")
-    return done.stdout.strip()
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI must run the TLS tests, not skip them")
-    pytest.skip(reason)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _eval(ctl: RabbitCtl, expression: str) -> str:
+    return ctl.run("-q", "eval", expression, timeout_s=CTL_TIMEOUT_S).strip()
 
 
 def _binary(der: bytes) -> str:
@@ -130,10 +93,10 @@ def _ssl_options(cert: trustme.LeafCert, ca: trustme.CA | None) -> str:
 @pytest.fixture(scope="module")
 def tls_broker(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     if urlsplit(amqp_url).hostname not in ("localhost", "127.0.0.1", "::1"):
-        _unavailable(f"the TLS listener is started on this machine's node, not {amqp_url}")
-    ctl = _rabbitmqctl()
+        unavailable(f"the TLS listener is started on this machine's node, not {amqp_url}")
+    ctl = RabbitCtl.find()
     if ctl is None:
-        _unavailable("rabbitmqctl is not installed (bash .ci/services installs RabbitMQ)")
+        unavailable("rabbitmqctl is not usable here (bash .ci/services installs RabbitMQ)")
         return
     ca = trustme.CA()
     client_ca = trustme.CA()
@@ -142,7 +105,7 @@ def tls_broker(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     client = client_ca.issue_cert("relay-worker")
     client.cert_chain_pems[0].write_to_path(directory / "client.pem")
     client.private_key_pem.write_to_path(directory / "client.key")
-    ports = [_free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     listeners = [
         (ports[0], ca.issue_cert("localhost"), None),
         (ports[1], ca.issue_cert("wrong.example"), None),
@@ -158,7 +121,7 @@ def tls_broker(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
         for port in started:
             _eval(ctl, f'rabbit_networking:stop_tcp_listener({{"127.0.0.1", {port}}}).')
-        _unavailable(f"no TLS listener could be started on the local RabbitMQ ({error})")
+        unavailable(f"no TLS listener could be started on the local RabbitMQ ({error})")
     parts = urlsplit(amqp_url)
     ca_file = TlsFiles(directory / "ca.pem", None, None)
     try:

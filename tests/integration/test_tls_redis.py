@@ -10,7 +10,6 @@ connection that works shows the CA, certificate and key settings in use. A
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import socket
 import subprocess
@@ -24,6 +23,7 @@ import pytest
 import redis
 import trustme
 
+from bench.rig.procs import free_port
 from worker.errors import StoreUnavailable
 from worker.idempotency import Claimed, open_store
 from worker.ops.outage import Outage
@@ -31,6 +31,7 @@ from worker.settings import Settings, TlsFiles
 from worker.vendors.ratelimit import RateLimits
 
 from ..command_line import assert_said_in_a_line_or_two, cli_env, run_cli
+from ..servers import unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -53,23 +54,11 @@ class TlsRedis:
         }
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI must run the TLS tests, not skip them")
-    pytest.skip(reason)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
     binary = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/sbin")
     if binary is None:
-        _unavailable("redis-server is not installed (bash .ci/services installs it)")
+        unavailable("redis-server is not installed (bash .ci/services installs it)")
         return
     directory = tmp_path_factory.mktemp("redis-tls")
     ca, client_ca = trustme.CA(), trustme.CA()
@@ -81,7 +70,7 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
     server.private_key_pem.write_to_path(directory / "server.key")
     client.cert_chain_pems[0].write_to_path(directory / "client.pem")
     client.private_key_pem.write_to_path(directory / "client.key")
-    port = _free_port()
+    port = free_port()
     log_path = directory / "redis.log"
     argv = [
         binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
@@ -109,7 +98,7 @@ def _wait_listening(process: subprocess.Popen[bytes], port: int, log_path: Path)
         if process.poll() is not None:
             log = log_path.read_text(errors="replace")
             if "tls" in log.lower():  # e.g. "TLS not supported", a build without BUILD_TLS
-                _unavailable(f"this redis-server has no TLS support: {log.strip()[-300:]}")
+                unavailable(f"this redis-server has no TLS support: {log.strip()[-300:]}")
             raise RuntimeError(f"redis-server exited at start:\n{log[-2000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
