@@ -19,6 +19,7 @@ README_TABLE = "see the configuration table in README.md"
 
 
 def problems(**values: Any) -> list[str]:
+    """What ``check`` (and ``run``) says of these settings."""
     try:
         Settings(**values)
     except ValidationError as error:

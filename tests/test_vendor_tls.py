@@ -17,10 +17,8 @@ from typing import Any
 import pytest
 import trustme
 import uvicorn
-from pydantic import ValidationError
 
 from schemas.events import ErrorCode
-from worker.admin.config import validation_problems
 from worker.errors import PermanentFailure
 from worker.ops.http_server import uvicorn_config
 from worker.sandbox import SandboxConfig, SandboxState, create_app
@@ -28,6 +26,7 @@ from worker.sandbox.worker_setup import sandbox_tenant
 from worker.settings import Settings, Tenant
 
 from .command_line import cli_env, run_cli
+from .test_tls_settings import problems
 from .test_vendor_calls import MAKERS, execute, failed, succeeded
 
 START_TIMEOUT_S = 10.0
@@ -240,14 +239,6 @@ def test_the_proxy_url_is_a_secret(sandbox: HttpsSandbox) -> None:
 FYLR = {"client_id": "client", "client_secret": "secret"}
 ESET = {"username": "api@example.com", "password": "secret"}
 
-
-def problems(**values: Any) -> list[str]:
-    """What ``check`` (and ``run``) says of these settings."""
-    try:
-        Settings(**values)
-    except ValidationError as error:
-        return [str(problem) for problem in validation_problems(error)]
-    return []
 
 
 @pytest.mark.parametrize("vendor", ["fylr", "spaaza"])

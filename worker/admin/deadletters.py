@@ -37,14 +37,14 @@ from schemas.events import ErrorCode, ResultEvent
 from worker.admin import UserError
 from worker.broker.connection import connect
 from worker.broker.decoding import decode_message
-from worker.broker.origin import carry_publisher, worker_user
+from worker.broker.origin import worker_user
+from worker.broker.publisher import republish
 from worker.broker.topology import Topology
 from worker.handler import REJECTION_KEY_PREFIX, rejection_digest  # how a rejection is keyed
 from worker.idempotency import IdempotencyStore, StoredRecord
 from worker.results import Rejected, command_fields
 from worker.settings import Settings
 
-PERSISTENT = 2
 ERROR_CODE_HEADER = "x-relay-error-code"
 REASON_HEADER = "x-relay-reason"
 ERROR_MESSAGE_HEADER = "x-relay-error-message"
@@ -229,11 +229,12 @@ class DeadLetterQueue:
                 verdict = decide(letter)
                 report.seen += 1
                 if verdict is Verdict.KEEP:
-                    self._copy(producer, message, self.name, _kept_headers(message))
+                    republish(producer, message, self.name, _kept_headers(message), self._own_user)
                     report.kept += 1
                 elif verdict is Verdict.REPLAY:
                     queue_name = str(self._topology.command_queue.name)
-                    self._copy(producer, message, queue_name, _replay_headers(message))
+                    headers = _replay_headers(message)
+                    republish(producer, message, queue_name, headers, self._own_user)
                     report.replayed.append(letter)
                 else:
                     report.dropped.append(letter)
@@ -294,30 +295,6 @@ class DeadLetterQueue:
             properties=properties,
             body=_body(message),
             decoded=decoded,
-        )
-
-    def _copy(
-        self, producer: Producer, message: Message, queue: str, headers: dict[str, Any]
-    ) -> None:
-        properties = message.properties or {}
-        # Its publisher goes with it (worker/broker/origin.py): believed by the worker
-        # when this connection's user is the worker's own.
-        origin = carry_publisher(message, headers, self._own_user)
-        producer.publish(
-            _body(message),
-            exchange="",
-            routing_key=queue,
-            content_type=message.content_type or "application/octet-stream",
-            content_encoding=message.content_encoding or "binary",
-            headers=headers,
-            delivery_mode=PERSISTENT,
-            message_id=properties.get("message_id"),
-            correlation_id=properties.get("correlation_id"),
-            reply_to=properties.get("reply_to"),
-            priority=properties.get("priority"),
-            timestamp=properties.get("timestamp"),
-            retry=False,
-            **origin,
         )
 
 

@@ -91,26 +91,7 @@ class Publisher:
     def _forward(self, command: Message, queue: str, headers: dict[str, Any]) -> None:
         """The command's body and properties, unchanged, to ``queue``, with ``headers``
         (and its publisher, when publishers are checked)."""
-        properties = command.properties
-        origin = carry_publisher(command, headers, self._own_user)
-        body = command.body
-        # Bytes as they came: kombu would otherwise encode a text body in the message's
-        # own (publisher-chosen, maybe unknown) content_encoding.
-        raw = body if isinstance(body, bytes) else str(body).encode("utf-8", "surrogatepass")
-        self._producer.publish(
-            raw,
-            exchange="",
-            routing_key=queue,
-            content_type=command.content_type or "application/octet-stream",
-            content_encoding=command.content_encoding or "binary",
-            headers=headers,
-            delivery_mode=PERSISTENT,
-            message_id=properties.get("message_id"),
-            correlation_id=properties.get("correlation_id"),
-            reply_to=properties.get("reply_to"),
-            retry=False,
-            **origin,
-        )
+        republish(self._producer, command, queue, headers, self._own_user)
         self.confirms.published()
 
     def _publish(
@@ -165,3 +146,33 @@ def _forwardable(headers: Any) -> dict[str, Any]:
         for key, value in headers.items()
         if isinstance(key, str)
     }
+
+
+def republish(
+    producer: Producer, message: Message, queue: str, headers: dict[str, Any],
+    own_user: str | None,
+) -> None:
+    """``message``'s body and properties, as they came, to ``queue`` with ``headers`` (and
+    its publisher carried over when publishers are checked: ``origin.py``)."""
+    properties = message.properties or {}
+    origin = carry_publisher(message, headers, own_user)
+    body = message.body
+    # Bytes as they came: kombu would otherwise encode a text body in the message's own
+    # (publisher-chosen, maybe unknown) content_encoding.
+    raw = body if isinstance(body, bytes) else str(body).encode("utf-8", "surrogatepass")
+    producer.publish(
+        raw,
+        exchange="",
+        routing_key=queue,
+        content_type=message.content_type or "application/octet-stream",
+        content_encoding=message.content_encoding or "binary",
+        headers=headers,
+        delivery_mode=PERSISTENT,
+        message_id=properties.get("message_id"),
+        correlation_id=properties.get("correlation_id"),
+        reply_to=properties.get("reply_to"),
+        priority=properties.get("priority"),
+        timestamp=properties.get("timestamp"),
+        retry=False,
+        **origin,
+    )
