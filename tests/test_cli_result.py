@@ -9,7 +9,7 @@ import json
 import uuid
 from pathlib import Path
 
-from worker.idempotency import open_store
+from worker.idempotency import open_store, tenant_scoped
 from worker.sandbox import SandboxServer
 from worker.settings import Settings
 
@@ -49,7 +49,8 @@ def test_still_running_and_unknown(tmp_path: Path):
     async def claim() -> None:
         store = open_store(settings.idempotency_url, 30, 3600)
         try:
-            await store.claim(key, "f" * 64, "host:1234:abc", command_id)
+            await store.claim(tenant_scoped("default", key), "f" * 64, "host:1234:abc",
+                              tenant_scoped("default", command_id))
         finally:
             await store.close()
 

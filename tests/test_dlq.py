@@ -17,7 +17,7 @@ from schemas.commands import parse_command
 from schemas.events import ErrorCode, ErrorInfo
 from worker.broker.connection import connect
 from worker.broker.topology import Topology
-from worker.idempotency import fingerprint, open_store
+from worker.idempotency import claim_key, command_ref, fingerprint, open_store
 from worker.results import now, result_event
 from worker.sandbox import Faults, SandboxServer, ScriptedFault
 from worker.settings import Settings
@@ -54,8 +54,9 @@ def store_result_lost(settings: Settings, command: dict[str, Any]) -> None:
     async def store_it() -> None:
         store = open_store(settings.idempotency_url, 30, 3600)
         try:
-            await store.claim(parsed.key, fingerprint(parsed), "dead-worker", parsed.command_id)
-            await store.complete(parsed.key, "dead-worker", event)
+            await store.claim(claim_key(parsed), fingerprint(parsed), "dead-worker",
+                              command_ref(parsed))
+            await store.complete(claim_key(parsed), "dead-worker", event, command_ref(parsed))
         finally:
             await store.close()
 
@@ -117,7 +118,7 @@ def dead_letters_kept_and_replayed(sandbox: SandboxServer, relay: RunningRelay,
     assert shown["headers"]["x-relay-error-code"] == "vendor_rejected"
     assert shown["body"] == {"type": "cancel-task", "id": failed, "params": {"task_id": 501}}
     (stored,) = shown["stored_outcomes"]
-    assert (stored["key"], stored["event"]["data"]["outcome"]) == (failed, "failed")
+    assert (stored["key"], stored["event"]["data"]["outcome"]) == (f"default/{failed}", "failed")
 
     # replay: the failure is released, and the new attempt succeeds
     replayed = run_cli("dlq", "replay", failed, env=env)

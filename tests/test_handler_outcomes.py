@@ -22,7 +22,7 @@ from pydantic import SecretStr
 
 from schemas.commands import Command, parse_command
 from worker.handler import Handler
-from worker.idempotency import SqliteStore, fingerprint
+from worker.idempotency import SqliteStore, claim_key, command_ref, fingerprint
 from worker.ops.outage import Outage
 from worker.results import now, result_event
 from worker.settings import EsetAccount, Settings, Tenant
@@ -87,34 +87,34 @@ async def nothing(store: SqliteStore, cmd: Command) -> None:
 
 
 async def completed(store: SqliteStore, cmd: Command) -> None:
-    await store.claim(cmd.key, fingerprint(cmd), OTHER)
+    await store.claim(claim_key(cmd), fingerprint(cmd), OTHER)
     event = result_event(command_id="earlier", command_type=cmd.type, tenant=cmd.tenant,
                          idempotency_key=cmd.key, outcome="succeeded", started_at=now())
-    await store.complete(cmd.key, OTHER, event)
+    await store.complete(claim_key(cmd), OTHER, event, command_ref(cmd))
 
 
 async def held_by_a_live_replica(store: SqliteStore, cmd: Command) -> None:
-    await store.claim(cmd.key, fingerprint(cmd), OTHER)
+    await store.claim(claim_key(cmd), fingerprint(cmd), OTHER)
 
 
 async def used_for_another_payload(store: SqliteStore, cmd: Command) -> None:
-    await store.claim(cmd.key, "f" * 64, OTHER)
+    await store.claim(claim_key(cmd), "f" * 64, OTHER)
 
 
 async def dead_holder_before_sending(store: SqliteStore, cmd: Command) -> None:
-    await store.claim(cmd.key, fingerprint(cmd), OTHER)
+    await store.claim(claim_key(cmd), fingerprint(cmd), OTHER)
     await expire(store)
 
 
 async def dead_holder_after_sending(store: SqliteStore, cmd: Command) -> None:
-    await store.claim(cmd.key, fingerprint(cmd), OTHER)
-    await store.mark_sent(cmd.key, OTHER)
+    await store.claim(claim_key(cmd), fingerprint(cmd), OTHER)
+    await store.mark_sent(claim_key(cmd), OTHER)
     await expire(store)
 
 
 async def dead_holder_collecting_a_202(store: SqliteStore, cmd: Command) -> None:
-    await store.claim(cmd.key, fingerprint(cmd), OTHER)
-    await store.mark_accepted(cmd.key, OTHER, "cached-0")
+    await store.claim(claim_key(cmd), fingerprint(cmd), OTHER)
+    await store.mark_accepted(claim_key(cmd), OTHER, "cached-0")
     await expire(store)
 
 

@@ -37,14 +37,17 @@ class FlakyStore(SqliteStore):
             raise StoreUnavailable("idempotency", ConnectionRefusedError())
 
     async def claim(
-        self, key: str, fingerprint: str, owner: str, command_id: str | None = None
+        self, key: str, fingerprint: str, owner: str, command_ref: str | None = None
     ) -> ClaimResult:
         self._away()
-        return await super().claim(key, fingerprint, owner, command_id)
+        return await super().claim(key, fingerprint, owner, command_ref)
 
-    async def complete(self, key: str, owner: str, event: ResultEvent) -> None:
+    async def complete(
+        self, key: str, owner: str, event: ResultEvent, command_ref: str,
+        replace_ref: bool = True,
+    ) -> None:
         self._away()
-        await super().complete(key, owner, event)
+        await super().complete(key, owner, event, command_ref, replace_ref)
 
     async def ping(self) -> None:
         self._away()

@@ -95,7 +95,7 @@ def test_claim_after_complete_replays_the_stored_event(store_url: str, key: str)
     async def scenario() -> None:
         async with stores(store_url) as (store,):
             await store.claim(key, FP, "worker-1")
-            await store.complete(key, "worker-1", stored)
+            await store.complete(key, "worker-1", stored, stored.data.command_id)
             assert await store.claim(key, FP, "worker-2") == Completed(stored)
             assert await store.claim(key, FP, "worker-1") == Completed(stored)
 
@@ -110,7 +110,7 @@ def test_claim_with_a_different_fingerprint_is_a_conflict(
         async with stores(store_url) as (store,):
             await store.claim(key, FP, "worker-1")
             if completed:
-                await store.complete(key, "worker-1", event(key))
+                await store.complete(key, "worker-1", event(key), f"id-of-{key}")
             assert await store.claim(key, OTHER_FP, "worker-2") == Conflict()
 
     asyncio.run(scenario())
@@ -209,7 +209,7 @@ def test_release_after_complete_keeps_the_result(store_url: str, key: str) -> No
     async def scenario() -> None:
         async with stores(store_url) as (store,):
             await store.claim(key, FP, "worker-1")
-            await store.complete(key, "worker-1", stored)
+            await store.complete(key, "worker-1", stored, stored.data.command_id)
             await store.release(key, "worker-1")
             assert await store.claim(key, FP, "worker-2") == Completed(stored)
 
@@ -224,7 +224,7 @@ def test_records_vanish_after_the_retention_period(
         async with stores(store_url, retention_s=0.1) as (store,):
             await store.claim(key, FP, "worker-1")
             if completed:
-                await store.complete(key, "worker-1", event(key))
+                await store.complete(key, "worker-1", event(key), f"id-of-{key}")
             await asyncio.sleep(0.2)
             # Gone: neither replayed, nor in progress, nor a conflict for another payload.
             assert await store.claim(key, OTHER_FP, "worker-2") == Claimed()

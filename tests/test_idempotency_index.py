@@ -48,7 +48,7 @@ def test_a_claim_is_found_by_its_command_id_while_running_and_once_done(store_ur
             assert running is not None and running.event is None
             assert running.holder == "worker-1" and 0 < running.lease_left_s <= LONG_S
             event = failed(command_id, key)
-            await store.complete(key, "worker-1", event)
+            await store.complete(key, "worker-1", event, event.data.command_id)
             done = await store.find(key)
             assert done is not None and done.event is not None and done.event.id == event.id
 
@@ -61,7 +61,7 @@ def test_a_duplicate_is_indexed_to_the_key_it_replays_a_conflict_is_not(store_ur
     async def scenario() -> None:
         async with stores(store_url) as (store,):
             await store.claim(key, FP, "worker-1", first)
-            await store.complete(key, "worker-1", failed(first, key))
+            await store.complete(key, "worker-1", failed(first, key), first)
             assert isinstance(await store.claim(key, FP, "worker-2", duplicate), Completed)
             assert await store.key_of(duplicate) == key
             assert isinstance(await store.claim(key, OTHER_FP, "worker-3", conflicting), Conflict)
@@ -70,15 +70,15 @@ def test_a_duplicate_is_indexed_to_the_key_it_replays_a_conflict_is_not(store_ur
     asyncio.run(scenario())
 
 
-def test_complete_indexes_the_events_command_id(store_url: str):
-    """A rejection is stored under a key of its own and claimed without an id: the event
-    names its command."""
+def test_complete_indexes_the_command_it_is_given(store_url: str):
+    """A rejection is stored under a key of its own and claimed without an id: its
+    completion names the command."""
     key, command_id = unique("rejected:key"), unique("id")
 
     async def scenario() -> None:
         async with stores(store_url) as (store,):
             await store.claim(key, FP, "worker-1")
-            await store.complete(key, "worker-1", failed(command_id, key))
+            await store.complete(key, "worker-1", failed(command_id, key), command_id)
             assert await store.key_of(command_id) == key
 
     asyncio.run(scenario())
@@ -93,7 +93,7 @@ def test_discard_forgets_only_the_event_it_names(store_url: str):
             await store.claim(key, FP, "worker-1", command_id)
             assert not await store.discard(key, "no-such-event")  # running: not a result
             event = failed(command_id, key)
-            await store.complete(key, "worker-1", event)
+            await store.complete(key, "worker-1", event, event.data.command_id)
             assert not await store.discard(key, "another-event")
             assert await store.discard(key, event.id)
             assert await store.find(key) is None
@@ -109,7 +109,7 @@ def test_the_id_entry_expires_with_the_retention(store_url: str):
         store = open_store(store_url, lease_s=LONG_S, retention_s=0.3)
         try:
             await store.claim(key, FP, "worker-1", command_id)
-            await store.complete(key, "worker-1", failed(command_id, key))
+            await store.complete(key, "worker-1", failed(command_id, key), command_id)
             assert await store.key_of(command_id) == key
             await asyncio.sleep(0.5)
             assert await store.key_of(command_id) is None

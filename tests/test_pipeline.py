@@ -204,7 +204,7 @@ def test_a_mutation_whose_holder_died_after_sending_fails_as_result_lost(
     import asyncio
 
     from schemas import parse_command
-    from worker.idempotency import fingerprint, open_store
+    from worker.idempotency import claim_key, fingerprint, open_store
 
     command = batch_delete(key="key-of-a-dead-holder")
     idempotency_url = f"sqlite:///{data_dir / 'idempotency.sqlite3'}"
@@ -212,8 +212,8 @@ def test_a_mutation_whose_holder_died_after_sending_fails_as_result_lost(
     async def die_after_sending() -> None:
         store = open_store(idempotency_url, lease_s=0.2, retention_s=60)
         parsed = parse_command(command)
-        await store.claim(command["idempotency_key"], fingerprint(parsed), "dead-replica")
-        await store.mark_sent(command["idempotency_key"], "dead-replica")
+        await store.claim(claim_key(parsed), fingerprint(parsed), "dead-replica")
+        await store.mark_sent(claim_key(parsed), "dead-replica")
         await store.close()
 
     asyncio.run(die_after_sending())

@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from schemas.commands import Command, parse_command
 from worker.broker.origin import PUBLISHER_HEADER, carry_publisher, publisher_of
 from worker.handler import Handler
-from worker.idempotency import SqliteStore
+from worker.idempotency import SqliteStore, claim_key
 from worker.ops.outage import Outage
 from worker.settings import EsetAccount, Settings, Tenant
 from worker.settlement import Action, DeliveryInfo, Settlement
@@ -76,7 +76,7 @@ async def handle(cmd: Command, publisher: str | None, config: Settings, tmp_path
         handler = Handler(store, vendors, policy, timings, "replica", Outage({}),
                           config.publisher_binding)
         settlement = await handler.handle(cmd, DeliveryInfo(publisher=publisher))
-        return Handled(settlement, len(vendor.calls), await store.find(cmd.key) is not None)
+        return Handled(settlement, len(vendor.calls), await store.find(claim_key(cmd)) is not None)
     finally:
         await vendors.aclose()
         await store.close()

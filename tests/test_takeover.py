@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from worker.handler import Handler
-from worker.idempotency import Claimed, SqliteStore, fingerprint
+from worker.idempotency import Claimed, SqliteStore, claim_key, fingerprint
 from worker.ops.outage import Outage
 from worker.sandbox import Faults, SandboxServer, ScriptedFault
 from worker.settlement import Settlement
@@ -40,7 +40,7 @@ def test_the_taker_collects_a_dead_holders_202(sandbox: SandboxServer, tmp_path:
         vendors = vendors_for(settings, policy)
         try:
             # The holder: claims, sends, gets the 202, keeps its response-id, dies.
-            await store.claim(command.key, fingerprint(command), "dead-holder")
+            await store.claim(claim_key(command), fingerprint(command), "dead-holder")
             kept: list[str] = []
 
             class KeepAndDie:
@@ -48,7 +48,7 @@ def test_the_taker_collects_a_dead_holders_202(sandbox: SandboxServer, tmp_path:
                     return True
 
                 async def accepted(self, response_id: str) -> bool:
-                    await store.mark_accepted(command.key, "dead-holder", response_id)
+                    await store.mark_accepted(claim_key(command), "dead-holder", response_id)
                     kept.append(response_id)
                     raise Died
 
@@ -107,7 +107,7 @@ def test_a_holder_stopped_mid_collect_leaves_its_202_claimed(
             with pytest.raises(asyncio.CancelledError):
                 await handling
             await asyncio.sleep(LEASE_S * 1.5)
-            return await store.claim(command.key, fingerprint(command), "next")
+            return await store.claim(claim_key(command), fingerprint(command), "next")
         finally:
             await vendors.aclose()
             await store.close()

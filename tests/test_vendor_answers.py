@@ -7,7 +7,8 @@ import gzip
 
 import httpx
 
-from worker.vendors.sender import as_reply
+from worker.redaction import Redactor
+from worker.vendors.sender import read_reply
 from worker.vendors.transport import TOO_LARGE_HEADER, VendorClient
 
 
@@ -24,14 +25,14 @@ def answer_with(response: httpx.Response, limit: int) -> httpx.Response:
 
 def test_a_body_within_the_limit_is_kept() -> None:
     response = answer_with(httpx.Response(200, json={"ok": True}), limit=1024)
-    assert as_reply("eset", response, None).body == {"ok": True}
+    assert read_reply("eset", response, None, Redactor()).body == {"ok": True}
 
 
 def test_a_body_over_the_limit_is_dropped_and_the_answer_says_so() -> None:
     response = answer_with(httpx.Response(200, content=b"x" * 5000), limit=1024)
     assert response.headers[TOO_LARGE_HEADER] == "1024"
     assert response.status_code == 200
-    assert "over 1024 bytes" in as_reply("eset", response, None).body
+    assert "over 1024 bytes" in read_reply("eset", response, None, Redactor()).body
 
 
 def test_a_compressed_body_is_bounded_by_its_decoded_size() -> None:

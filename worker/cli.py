@@ -106,10 +106,12 @@ def run() -> None:
     from worker.ops import logs
     from worker.ops.stats import log_every
     from worker.ops.telemetry import from_environment
+    from worker.redaction import Redactor
     from worker.service import RelayService
 
     settings = config.load_settings()
-    logs.configure(settings.log_level, settings.log_format)
+    redactor = Redactor(settings.secret_values())  # the logs' and the vendors' one
+    logs.configure(settings.log_level, settings.log_format, redactor)
     problems = config.check(settings)
     refused = config.errors(problems)
     if refused:
@@ -123,7 +125,7 @@ def run() -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     telemetry = from_environment(prometheus=settings.health_port is not None)
-    service = RelayService(settings, telemetry=telemetry)
+    service = RelayService(settings, telemetry=telemetry, redactor=redactor)
     if settings.stats_interval_s > 0:
         threading.Thread(
             target=log_every,
@@ -218,6 +220,9 @@ def result(
     key: Annotated[
         str | None, typer.Option("--key", help="Look up by idempotency key instead.")
     ] = None,
+    tenant: Annotated[
+        str, typer.Option(help="The command's tenant (ids and keys are each tenant's own).")
+    ] = "default",
 ) -> None:
     """Print a command's result event, read from the idempotency store.
 
@@ -238,7 +243,7 @@ def result(
             settings.tls.redis,
         )
         try:
-            return await look_up(store, command_id, key)
+            return await look_up(store, command_id, key, tenant)
         finally:
             await store.close()
 

@@ -5,8 +5,10 @@
     ├── PermanentFailure     the vendor refused for good, or the answer is lost → ``failed``
     ├── TransientFailure     may work later: retry, then ``failed`` (retryable)
     │   └── VendorThrottled  429, with the vendor's Retry-After when it sent one
-    └── StoreUnavailable     a store (idempotency, rate limit) does not answer: the command
-                             waits, or goes back to the queue; never an outcome
+    ├── StoreUnavailable     a store (idempotency, rate limit) does not answer: the command
+    │                        waits, or goes back to the queue; never an outcome
+    └── Withheld             a mutation's claim was lost (another holder has the key):
+                             nothing was sent, and this holder stops; never an outcome
 
 Each carries the contract's :class:`~schemas.events.ErrorCode` and a message that says what
 happened or what to fix. Foreign errors are wrapped at the boundary with ``raise … from e``.
@@ -92,9 +94,12 @@ class StoreUnavailable(RelayError):
         self.store = store
 
 
-class Withheld(Exception):
-    """Raised by a vendor sender when its caller withheld a mutation's go-ahead (the
-    handler does when its claim on the key was lost): the request was not sent."""
+class Withheld(RelayError):
+    """Raised when a mutation's claim said no before it was sent (another holder has
+    the key now, and does the work): nothing was sent, and this holder stops."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.INTERNAL_ERROR, message)
 
 
 # The setting of each store's URL, by the name StoreUnavailable is given.

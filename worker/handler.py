@@ -3,6 +3,12 @@
 The handler runs on the asyncio loop; it never touches the broker. It returns a
 :class:`Settlement` that the consumer carries out (publish, then ack, dead-letter or
 requeue), so one place settles messages.
+
+Once a request may have reached the vendor, every way out of :meth:`Handler._run_claimed`
+stores an outcome, or leaves the claim held for the holder that takes it over: an error
+is the event's error, a bug after the send is ``result_lost``, and a cancellation (the
+process stopping) keeps the claim (its lease runs out, and the next holder collects the
+202 or reports the result lost). Only what never left the process is given back.
 """
 
 from __future__ import annotations
@@ -11,25 +17,33 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import datetime
-from functools import partial
-from typing import TypeVar
 
 from schemas.commands import Command
 from schemas.events import ErrorCode, ErrorInfo, ResultEvent
-from worker.errors import CommandRejected, RelayError, StoreUnavailable, Withheld
+from worker.errors import (
+    CommandRejected,
+    PermanentFailure,
+    RelayError,
+    StoreUnavailable,
+    Withheld,
+)
 from worker.idempotency import (
-    Claimed,
+    Claim,
+    Claims,
     Completed,
     Conflict,
     IdempotencyStore,
     InProgress,
+    claim_key,
+    command_ref,
     fingerprint,
+    tenant_scoped,
 )
 from worker.ops.outage import Outage
+from worker.redaction import Redactor
 from worker.replies import VendorReply
 from worker.results import Rejected, command_fields, now, outcome_of, rejection, result_event
 from worker.settings import HandlerTimings, PublisherBinding
@@ -43,7 +57,6 @@ log = logging.getLogger(__name__)
 # Rejections are stored apart from the keys of work: a fixed command sent again under its
 # key is judged afresh, while a redelivery of the rejected message replays its event.
 REJECTION_KEY_PREFIX = "rejected:"
-T = TypeVar("T")
 
 
 class Handler:
@@ -62,12 +75,13 @@ class Handler:
         outage: Outage,
         publishers: PublisherBinding | None = None,
     ) -> None:
-        self._store = store
+        # This process is ``owner``; each claim it takes is held in a name of its own.
+        # Store calls are held through an outage as long as a delivery may work.
+        self._claims = Claims(store, owner, outage, timings.command_timeout_s)
         self._vendors = vendors
+        self._redactor: Redactor = vendors.redactor
         self._policy = policy
         self._timings = timings
-        self._owner = owner  # this process; each claim it makes is held in a name of its own
-        self._outage = outage  # the stores' outage: calls to them are held through it
         self._publishers = publishers  # who may act for which tenant; None: not checked
 
     async def handle(
@@ -88,26 +102,22 @@ class Handler:
             )
         deadline = self._budget_deadline(command)
         while True:
-            holder = self._new_holder()
-            claim = await self._held_through_outage(
-                partial(self._store.claim, command.key, fingerprint(command), holder,
-                        command.command_id)
+            taken = await self._claims.take(
+                claim_key(command), fingerprint(command), command_ref(command)
             )
-            match claim:
+            match taken:
                 case Completed(event=stored):
                     return Settlement.for_event(replay_for(command.command_id, stored))
                 case Conflict():
                     return await self._store_rejection(
                         rejection_digest(command), self._conflict(command)
                     )
-                case Claimed(after_send=True, response_id=None) if call.request.is_mutation:
-                    return await self._after_dead_holder(command, holder)
-                case Claimed(response_id=response_id):
+                case Claim(taken_after_send=True, response_id=None) if call.request.is_mutation:
+                    return await self._after_dead_holder(command, taken)
+                case Claim():
                     # With a response_id the dead holder's 202 is collected, not resent.
                     try:
-                        return await self._run_claimed(
-                            command, call, holder, deadline, delivery, response_id
-                        )
+                        return await self._run_claimed(command, call, taken, deadline, delivery)
                     except Withheld:
                         continue  # another worker has the key now: see what it says
                 case InProgress(lease_left_s=lease_left_s):
@@ -124,35 +134,23 @@ class Handler:
 
     async def _store_rejection(self, digest: str, event: ResultEvent) -> Settlement:
         """The rejection, stored under the message's own digest, so that a redelivery of
-        the same message gets it again, marked replayed, rather than a second one."""
+        the same message gets it again, marked replayed, rather than a second one. Its
+        id is indexed only where no work of that id is: a rejected message never hides
+        the result of the command whose id it names."""
         key = REJECTION_KEY_PREFIX + digest
+        reference = tenant_scoped(event.data.tenant, event.data.command_id)
         while True:
-            holder = self._new_holder()
-            claim = await self._held_through_outage(
-                partial(self._store.claim, key, digest, holder)
-            )
-            match claim:
+            taken = await self._claims.take(key, digest)
+            match taken:
                 case Completed(event=stored):
                     return Settlement.for_event(replay_for(event.data.command_id, stored))
                 case InProgress(lease_left_s=lease_left_s):  # another delivery, storing it
                     await self._policy.sleep(min(self._timings.defer_poll_s, lease_left_s))
-                case _:
-                    await self._complete(key, holder, event)
+                case Claim():
+                    await taken.complete(event, reference, replace_ref=False)
                     return Settlement.for_event(event)
-
-    async def _held_through_outage(self, call: Callable[[], Awaitable[T]]) -> T:
-        """A store call, held through an outage for as long as a delivery may work; then
-        StoreUnavailable, and the command goes back to the queue."""
-        return await self._outage.held(call, self._timings.command_timeout_s)
-
-    def _new_holder(self) -> str:
-        """A name for one claim. Per claim, not per process: a delivery still running on
-        a lost connection (or starved past its lease) then can not mark, renew or release
-        the claim its own redelivery took in the same process."""
-        return f"{self._owner}:{uuid.uuid4().hex[:12]}"
-
-    async def _complete(self, key: str, holder: str, event: ResultEvent) -> None:
-        await self._held_through_outage(lambda: self._store.complete(key, holder, event))
+                case Conflict():  # the digest is the fingerprint: the same message again
+                    raise AssertionError("a rejection's digest conflicted with itself")
 
     def _check_publisher(self, command: Command, delivery: DeliveryInfo) -> None:
         """A tenant bound to its publishers takes commands from them only: before the
@@ -197,70 +195,101 @@ class Handler:
         self,
         command: Command,
         call: VendorCall,
-        holder: str,
+        claim: Claim,
         deadline: float,
         delivery: DeliveryInfo,
-        accepted_as: str | None = None,
     ) -> Settlement:
         """The command's vendor call under its claim, to its stored event (or a delayed
-        retry). ``accepted_as``: a dead holder's 202, collected instead of sent."""
-        started_at = now()
-        budget = self._budget(deadline, delivery)
-        marks = ClaimMarks(self, command.key, holder)
-        renewing = asyncio.create_task(self._keep_lease(command.key, holder))
-        try:
-            if delivery.last_delivery:
-                event = self._delivery_limit_reached(command, started_at, delivery)
-            elif accepted_as is None:
-                reply = await self._vendors.run(call, budget, marks)
-                event = self._event(command, started_at, delivery, budget, reply=reply)
-            else:
-                reply = await self._collect_for_dead_holder(command, call, budget, marks,
-                                                            accepted_as)
-                event = self._event(command, started_at, delivery, budget, reply=reply)
-        except Withheld:
-            raise  # the claim is another worker's now: not ours to release
-        except StoreUnavailable:
-            await self._let_go(command.key, holder, budget)
-            raise  # held, or back to the queue: a store outage is never an outcome
-        except RelayError as error:
-            delay_s = self._next_delay_s(command, delivery) if error.retryable else None
-            if delay_s is None:
+        retry). Every way out of a call that may have reached the vendor is an event, but
+        a cancellation, which leaves the claim held for the holder that takes it over."""
+        started_at, budget = now(), self._budget(deadline, delivery)
+        async with claim.kept_alive(self._timings.claim_lease_s):
+            try:
+                async with self._within(deadline):
+                    if delivery.last_delivery:
+                        event = self._delivery_limit_reached(command, delivery)
+                    elif claim.response_id is None:
+                        reply = await self._vendors.run(call, budget, claim)
+                        event = self._event(command, started_at, delivery, budget, reply=reply)
+                    else:
+                        reply = await self._collect_for_dead_holder(command, call, claim, budget)
+                        event = self._event(command, started_at, delivery, budget, reply=reply)
+            except (Withheld, StoreUnavailable):
+                # Withheld: the claim is another worker's now. A store outage is never an
+                # outcome: the command is held, or goes back to the queue.
+                await claim.release()
+                raise
+            except RelayError as error:
+                delay_s = self._next_delay_s(command, delivery) if error.retryable else None
+                if delay_s is not None:
+                    return await self._retry_later(command, claim, delay_s, delivery, budget)
                 event = self._event(command, started_at, delivery, budget, error=error)
-            else:
-                log.info("retrying later", extra={**command_fields(command), "delay_s": delay_s})
-                await self._release(command.key, holder)  # the retry claims it again
-                return Settlement(
-                    None, Action.DELAY, delay_s, delivery.retries + 1,
-                    delivery.attempts + budget.attempts,
-                )
-        except BaseException:
-            await self._let_go(command.key, holder, budget)
-            raise
-        finally:
-            renewing.cancel()
-        # The outbox: stored before it is published, so a crash after this point
-        # replays the event instead of calling the vendor again.
-        await self._complete(command.key, holder, event)
+            except Exception as bug:
+                if not claim.sent:
+                    await claim.release()  # nothing left the process: a redelivery may retry
+                    raise
+                log.exception("the worker failed after sending a command to its vendor",
+                              extra=dict(command_fields(command)))
+                event = self._event(command, started_at, delivery, budget,
+                                    error=_lost_after(bug, call))
+            except BaseException:  # cancelled (the process stops): held, unless unsent
+                await claim.release()
+                raise
+            # The outbox: stored before it is published, so a crash after this point
+            # replays the event instead of calling the vendor again.
+            await claim.complete(event, command_ref(command))
         return Settlement.for_event(event)
+
+    async def _retry_later(
+        self,
+        command: Command,
+        claim: Claim,
+        delay_s: float,
+        delivery: DeliveryInfo,
+        budget: CallBudget,
+    ) -> Settlement:
+        log.info("retrying later", extra={**command_fields(command), "delay_s": delay_s})
+        await claim.release_for_retry()  # the retry claims it again
+        return Settlement(
+            None, Action.DELAY, delay_s, delivery.retries + 1,
+            delivery.attempts + budget.attempts,
+        )
+
+    async def _collect_for_dead_holder(
+        self, command: Command, call: VendorCall, claim: Claim, budget: CallBudget
+    ) -> VendorReply:
+        # Taken over from a holder that died collecting a 202: keep the response-id with
+        # this claim too, then collect the answer it was waiting for.
+        log.info("collecting a dead holder's 202", extra=dict(command_fields(command)))
+        response_id = claim.response_id
+        assert response_id is not None
+        if not await claim.accepted(response_id):
+            raise Withheld(f"{command.key!r} was taken over while collecting its 202")
+        return await self._vendors.collect(call, response_id, budget)
+
+    @contextlib.asynccontextmanager
+    async def _within(self, deadline: float) -> AsyncIterator[None]:
+        """End the work one HTTP timeout after the deadline, whatever the vendor does: no
+        call starts after the deadline, and this bounds the one that is running (and the
+        waits for a token, a rate slot or a collect in between)."""
+        left_s = deadline - self._policy.clock() + self._timings.http_timeout_s
+        try:
+            async with asyncio.timeout(max(left_s, 0.0)) as bound:
+                yield
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            raise PermanentFailure(
+                ErrorCode.DEADLINE_EXCEEDED,
+                "the command's deadline passed while its vendor call was under way; the "
+                "request may have reached the vendor: check before re-sending",
+            ) from None
 
     def _budget(self, deadline: float, delivery: DeliveryInfo) -> CallBudget:
         retry_deadline = deadline
         if self._timings.retry_delays_s:  # back-off in process is short: delays follow
             retry_deadline = min(deadline, self._policy.clock() + self._timings.retry_in_process_s)
         return CallBudget(deadline, retry_deadline, prior_attempts=delivery.attempts)
-
-    async def _let_go(self, key: str, holder: str, budget: CallBudget) -> None:
-        """Let a redelivery retry; but a 202'd request stays claimed (with its
-        response-id), so whoever takes it next collects it instead of resending."""
-        if budget.accepted_as is None:
-            await self._release(key, holder)
-
-    async def _release(self, key: str, holder: str) -> None:
-        # With the store away the claim stays until its lease runs out; the redelivery
-        # then takes it over (or waits for it), which is all a release would allow sooner.
-        with contextlib.suppress(StoreUnavailable):
-            await self._store.release(key, holder)
 
     def _event(
         self,
@@ -271,53 +300,32 @@ class Handler:
         reply: VendorReply | None = None,
         error: RelayError | None = None,
     ) -> ResultEvent:
-        """The command's terminal event: the vendor's answer, or the error it ended on."""
+        """The command's terminal event: the vendor's answer, or the error it ended on,
+        with nothing in it that the worker knows as a secret."""
         fields = command_fields(command)
         outcome = "succeeded" if error is None else outcome_of(error)
         extra = {**fields, "outcome": outcome, "attempts": budget.attempts}
         if error is not None:
             extra["error_code"] = str(error.code)
         log.info("command %s", outcome, extra=extra)
+        info = None if error is None else error.info()
+        if info is not None:
+            info = info.model_copy(update={"message": self._redactor.text(info.message)})
+        vendor_reply = reply if error is None else error.reply
+        if vendor_reply is not None and vendor_reply.response_id is not None:
+            vendor_reply = replace(
+                vendor_reply, response_id=self._redactor.text(vendor_reply.response_id)
+            )
         return result_event(
             **fields,
             outcome=outcome,
             started_at=started_at,
             attempts=delivery.attempts + budget.attempts,
-            reply=reply if error is None else error.reply,
-            error=None if error is None else error.info(),
+            reply=vendor_reply,
+            error=info,
         )
 
-    async def _collect_for_dead_holder(
-        self, command: Command, call: VendorCall, budget: CallBudget, marks: ClaimMarks,
-        response_id: str,
-    ) -> VendorReply:
-        # Taken over from a holder that died collecting a 202: keep the response-id with
-        # this claim too, then collect the answer it was waiting for.
-        log.info("collecting a dead holder's 202", extra=dict(command_fields(command)))
-        budget.accepted_as = response_id
-        if not await marks.accepted(response_id):
-            raise Withheld(f"{command.key!r} was taken over while collecting its 202")
-        return await self._vendors.collect(call, response_id, budget)
-
-    async def mark_accepted(self, key: str, holder: str, response_id: str) -> bool:
-        return await self._held_through_outage(
-            lambda: self._store.mark_accepted(key, holder, response_id)
-        )
-
-    async def mark_sent(self, key: str, holder: str) -> bool:
-        return await self._held_through_outage(lambda: self._store.mark_sent(key, holder))
-
-    async def _keep_lease(self, key: str, holder: str) -> None:
-        """Renew the claim while this worker is alive and working, so a slow vendor call
-        is never mistaken for a dead holder (and done a second time)."""
-        while True:
-            await asyncio.sleep(self._timings.claim_lease_s / 3)
-            try:
-                await self._store.renew(key, holder)
-            except StoreUnavailable as error:
-                self._outage.report(error)  # renewed on the next round, if it is back
-
-    async def _after_dead_holder(self, command: Command, holder: str) -> Settlement:
+    async def _after_dead_holder(self, command: Command, claim: Claim) -> Settlement:
         # The holder died after the mutation may have reached the vendor, and before it
         # stored the answer: sending it again could act twice, so the command fails as
         # "result lost", exactly as after a 202 whose answer is gone.
@@ -333,7 +341,7 @@ class Handler:
                 "effect, so it was not sent again: check before re-sending",
             ),
         )
-        await self._complete(command.key, holder, event)
+        await claim.complete(event, command_ref(command))
         return Settlement.for_event(event)
 
     def _next_delay_s(self, command: Command, delivery: DeliveryInfo) -> float | None:
@@ -348,9 +356,7 @@ class Handler:
         )
         return None if too_late else delay_s  # None: it would come back too late to start
 
-    def _delivery_limit_reached(
-        self, command: Command, started_at: datetime, delivery: DeliveryInfo
-    ) -> ResultEvent:
+    def _delivery_limit_reached(self, command: Command, delivery: DeliveryInfo) -> ResultEvent:
         # A command that keeps crashing or hanging workers is not tried once more: it
         # gets a failed event and goes to the dead-letter queue.
         log.warning("delivery limit reached", extra=dict(command_fields(command)))
@@ -363,7 +369,7 @@ class Handler:
         return result_event(
             **command_fields(command),
             outcome="failed",
-            started_at=started_at,
+            started_at=now(),
             attempts=delivery.attempts,
             error=error,
         )
@@ -378,9 +384,20 @@ class Handler:
             CommandRejected(
                 ErrorCode.IDEMPOTENCY_KEY_CONFLICT,
                 f"idempotency key {command.key!r} was already used for a different command "
-                "(type, tenant or params differ); use a new key for new work",
+                "of this tenant (type or params differ); use a new key for new work",
             ),
         )
+
+
+def _lost_after(bug: Exception, call: VendorCall) -> PermanentFailure:
+    """What a failure of the worker's own, after the request may have reached the vendor,
+    makes of the command: its answer is unknown, and it is not sent again."""
+    return PermanentFailure(
+        ErrorCode.RESULT_LOST,
+        f"the worker failed on {call.request.vendor}'s answer ({type(bug).__name__}) after "
+        "sending the request; it may or may not have taken effect, so it was not sent "
+        "again: check before re-sending",
+    )
 
 
 def replay_for(command_id: str, stored: ResultEvent) -> ResultEvent:
@@ -394,23 +411,3 @@ def replay_for(command_id: str, stored: ResultEvent) -> ResultEvent:
 def rejection_digest(command: Command) -> str:
     """What makes a rejected command the same message again: its id and its content."""
     return hashlib.sha256(f"{command.command_id}\0{fingerprint(command)}".encode()).hexdigest()
-
-
-@dataclass
-class ClaimMarks:
-    """The vendor call's marks, kept with this holder's claim: "sent" (once, before the
-    mutation first goes out) and the 202's response-id. False from either: a worker
-    starved past its lease lost the key to another one, which does the work instead."""
-
-    handler: Handler
-    key: str
-    holder: str
-    sent: bool = False
-
-    async def sending(self) -> bool:
-        if not self.sent:
-            self.sent = await self.handler.mark_sent(self.key, self.holder)
-        return self.sent
-
-    async def accepted(self, response_id: str) -> bool:
-        return await self.handler.mark_accepted(self.key, self.holder, response_id)

@@ -16,6 +16,7 @@ from worker.ops.health import Check, create_health_app
 from worker.ops.http_server import BackgroundServer
 from worker.ops.outage import Outage
 from worker.ops.telemetry import Telemetry
+from worker.redaction import Redactor
 from worker.runtime import HandlerLoop
 from worker.settings import Settings
 from worker.vendors import Vendors
@@ -35,7 +36,10 @@ class RelayService:
         self,
         settings: Settings,
         telemetry: Telemetry,
+        redactor: Redactor | None = None,
     ) -> None:
+        """``redactor``: the process's (the log handler's too); by default one knowing
+        the configuration's secrets. Every token a vendor issues is added to it."""
         self.settings = settings
         self.telemetry = telemetry
         self.health: BackgroundServer | None = None  # serving while run() runs, if enabled
@@ -51,7 +55,10 @@ class RelayService:
         self.outage = outage = Outage({})
         rate_limits = RateLimits(settings.rate_limit, outage)
         outage.probes.update({"idempotency": self.store.ping, "rate-limit": rate_limits.pacer.ping})
-        self.vendors = Vendors(settings, rate_limits, policy, self.telemetry)
+        self.vendors = Vendors(
+            settings, rate_limits, policy, self.telemetry,
+            redactor=redactor or Redactor(settings.secret_values()),
+        )
         self.handler = Handler(
             self.store,
             self.vendors,

@@ -19,6 +19,7 @@ working directory, so ``run`` and ``send`` started anywhere meet on the same bro
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,7 @@ class HandlerTimings:
     defer_s: float  # a duplicate of work in progress elsewhere comes back after this
     claim_lease_s: float  # renewed every third of it while a command is worked on
     defer_poll_s: float  # without delay queues: how often a duplicate looks again
+    http_timeout_s: float  # a command ends at most this long after its deadline
 
 
 @dataclass(frozen=True)
@@ -501,6 +503,29 @@ class Settings(BaseSettings):
             return None
         return PublisherBinding(named, self.require_publishers)
 
+    def secret_values(self) -> list[str]:
+        """Every secret this configuration holds, as text: the accounts' passwords and
+        client secrets (Spaaza's token as it is sent, ``id:secret``), and the passwords of
+        the broker, store and proxy URLs (the proxy's also as its Basic credentials)."""
+        found: list[str] = []
+        for tenant in self.tenants.values():
+            for account in (tenant.eset, tenant.fylr, tenant.spaaza):
+                if account is None:
+                    continue
+                found += [
+                    value.get_secret_value() for value in dict(account).values()
+                    if isinstance(value, SecretStr)
+                ]
+            if tenant.spaaza is not None:  # sent as one: "Bearer id:secret"
+                spaaza = tenant.spaaza
+                found.append(f"{spaaza.token_id}:{spaaza.token_secret.get_secret_value()}")
+        urls = [self.broker_url, self.idempotency_url, self.rate_limit_url]
+        if self.vendor_proxy_url is not None:
+            urls.append(self.vendor_proxy_url.get_secret_value())
+        for url in urls:
+            found += _url_secrets(url)
+        return found
+
     @property
     def uses_rabbitmq(self) -> bool:
         return self.broker_url.startswith(AMQP_SCHEMES)
@@ -532,6 +557,7 @@ class Settings(BaseSettings):
             defer_s=self.defer_delay_s,
             claim_lease_s=self.claim_lease_s,
             defer_poll_s=DEFER_POLL_S,
+            http_timeout_s=self.http_timeout_s,
         )
 
     @property
@@ -565,6 +591,18 @@ class Settings(BaseSettings):
             vendor_ca_file=self.vendor_tls_ca_file,
             vendor_proxy_url=self.vendor_proxy_url,
         )
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The password of a URL, and its ``user:password`` as Basic credentials."""
+    try:
+        parts = urlsplit(url)
+        user, password = parts.username or "", parts.password
+    except ValueError:
+        return []
+    if not password:
+        return []
+    return [password, base64.b64encode(f"{user}:{password}".encode()).decode()]
 
 
 def calls_per_s(text: str) -> float:

@@ -41,7 +41,7 @@ from worker.broker.origin import worker_user
 from worker.broker.publisher import republish
 from worker.broker.topology import Topology
 from worker.handler import REJECTION_KEY_PREFIX, rejection_digest  # how a rejection is keyed
-from worker.idempotency import IdempotencyStore, StoredRecord
+from worker.idempotency import IdempotencyStore, StoredRecord, claim_key
 from worker.results import Rejected, command_fields
 from worker.settings import Settings
 
@@ -95,7 +95,7 @@ class DeadLetter:
         of its rejection."""
         if isinstance(self.decoded, Rejected):
             return [REJECTION_KEY_PREFIX + self.decoded.digest]
-        return [self.decoded.key, REJECTION_KEY_PREFIX + rejection_digest(self.decoded)]
+        return [claim_key(self.decoded), REJECTION_KEY_PREFIX + rejection_digest(self.decoded)]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Literal
 
 from schemas.events import ResultEvent
 from worker.handler import replay_for
-from worker.idempotency import IdempotencyStore, StoredRecord
+from worker.idempotency import IdempotencyStore, StoredRecord, tenant_scoped
 
 State = Literal["done", "running", "waiting", "unknown"]
 
@@ -50,15 +50,20 @@ class Lookup:
 
 
 async def look_up(
-    store: IdempotencyStore, command_id: str | None = None, key: str | None = None
+    store: IdempotencyStore,
+    command_id: str | None = None,
+    key: str | None = None,
+    tenant: str = "default",
 ) -> Lookup:
-    """The result of the command with ``command_id``, or of the work of ``key``."""
+    """The result of ``tenant``'s command with ``command_id``, or of its work of ``key``
+    (ids and keys are each tenant's own)."""
     if command_id is not None:
-        key = await store.key_of(command_id)
-        if key is None:
+        scoped = await store.key_of(tenant_scoped(tenant, command_id))
+        if scoped is None:
             return Lookup("unknown")
+        key = scoped.partition("/")[2]
     assert key is not None, "give a command id or a key"
-    record = await store.find(key)
+    record = await store.find(tenant_scoped(tenant, key))
     if record is None:
         # Known by its id: its claim was given up for a retry (or a redelivery).
         return Lookup("waiting" if command_id is not None else "unknown", key)

@@ -18,6 +18,7 @@ from pydantic_core import from_json
 from schemas.commands import COMMAND_TYPES, MAX_ID_LENGTH, TENANT_PATTERN, Command, parse_command
 from schemas.events import ErrorCode
 from worker.errors import CommandRejected
+from worker.replies import nested_deeper_than
 from worker.results import CommandFields, Rejected
 
 MAX_PROBLEMS = 5
@@ -88,7 +89,7 @@ def _parse_json(raw: bytes) -> Any:
         raise CommandRejected(
             ErrorCode.INVALID_JSON, f"the message body is not UTF-8 JSON: {error}"
         ) from error
-    if _deeper_than(data, MAX_JSON_DEPTH):
+    if nested_deeper_than(data, MAX_JSON_DEPTH):
         raise CommandRejected(
             ErrorCode.INVALID_JSON, f"the JSON is nested deeper than {MAX_JSON_DEPTH} levels"
         )
@@ -111,19 +112,6 @@ def _validate(data: Any) -> Command:
         return parse_command(data)
     except ValidationError as error:
         raise CommandRejected(ErrorCode.INVALID_COMMAND, describe(error)) from error
-
-
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether containers nest more than ``limit`` levels (iterative: no recursion)."""
-    stack = [(value, 1)] if isinstance(value, dict | list) else []
-    while stack:
-        node, depth = stack.pop()
-        for child in node.values() if isinstance(node, dict) else node:
-            if isinstance(child, dict | list):
-                if depth >= limit:
-                    return True
-                stack.append((child, depth + 1))
-    return False
 
 
 def describe(error: ValidationError) -> str:

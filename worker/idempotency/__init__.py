@@ -1,10 +1,12 @@
 """The idempotency store (``store.py``: the protocol, and what a claim decides), with
-its backends: SQLite (``sqlite.py``) and Redis (``redis.py``)."""
+its backends: SQLite (``sqlite.py``) and Redis (``redis.py``); and the claim on one key
+as the handler and the vendor side use it (``claim.py``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from worker.idempotency.claim import Claim, ClaimOutcome, Claims
 from worker.idempotency.sqlite import SqliteStore
 from worker.idempotency.store import (
     Claimed,
@@ -14,21 +16,30 @@ from worker.idempotency.store import (
     IdempotencyStore,
     InProgress,
     StoredRecord,
+    claim_key,
+    command_ref,
     fingerprint,
+    tenant_scoped,
 )
 from worker.settings import TlsFiles
 
 __all__ = [
+    "Claim",
+    "ClaimOutcome",
     "ClaimResult",
     "Claimed",
+    "Claims",
     "Completed",
     "Conflict",
     "IdempotencyStore",
     "InProgress",
     "SqliteStore",
     "StoredRecord",
+    "claim_key",
+    "command_ref",
     "fingerprint",
     "open_store",
+    "tenant_scoped",
 ]
 
 

@@ -57,11 +57,17 @@ if record[1] then return {'taken', record[5] or '0', record[6] or ''} end
 return {}
 """
 
+# ARGV[4] '1': the command's entry (KEYS[2]) points to this key whatever it held; '0': only
+# if it held nothing (a rejection must not hide the work of the id it names).
 COMPLETE_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], 'event', ARGV[1])
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+  if ARGV[4] == '1' then
+    redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+  else
+    redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2], 'NX')
+  end
 end
 """
 
@@ -126,12 +132,12 @@ class RedisStore:
         self._batch = ScriptBatcher(self._redis)
 
     async def claim(
-        self, key: str, fingerprint: str, owner: str, command_id: str | None = None
+        self, key: str, fingerprint: str, owner: str, command_ref: str | None = None
     ) -> ClaimResult:
         now = time.time()
         keys = [KEY_PREFIX + key]
-        if command_id is not None:
-            keys.append(COMMAND_ID_PREFIX + command_id)
+        if command_ref is not None:
+            keys.append(COMMAND_ID_PREFIX + command_ref)
         record = await self._call(
             self._claim,
             keys,
@@ -147,11 +153,14 @@ class RedisStore:
         record = (stored_fp, holder, float(lease_until), event, False, None)
         return _decide(record, fingerprint, now)
 
-    async def complete(self, key: str, owner: str, event: ResultEvent) -> None:
+    async def complete(
+        self, key: str, owner: str, event: ResultEvent, command_ref: str,
+        replace_ref: bool = True,
+    ) -> None:
         await self._call(
             self._complete,
-            [KEY_PREFIX + key, COMMAND_ID_PREFIX + event.data.command_id],
-            [event.model_dump_json(), self._retention_ms, key],
+            [KEY_PREFIX + key, COMMAND_ID_PREFIX + command_ref],
+            [event.model_dump_json(), self._retention_ms, key, "1" if replace_ref else "0"],
         )
 
     async def release(self, key: str, owner: str) -> None:
@@ -190,9 +199,9 @@ class RedisStore:
             response_id=fields["response_id"],
         )
 
-    async def key_of(self, command_id: str) -> str | None:
+    async def key_of(self, command_ref: str) -> str | None:
         try:
-            return _text(await self._redis.get(COMMAND_ID_PREFIX + command_id))
+            return _text(await self._redis.get(COMMAND_ID_PREFIX + command_ref))
         except UNREACHABLE as error:
             raise StoreUnavailable("idempotency", error) from error
 

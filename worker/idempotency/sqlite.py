@@ -58,13 +58,13 @@ class SqliteStore:
             raise StoreUnavailable("idempotency", error) from error
 
     async def claim(
-        self, key: str, fingerprint: str, owner: str, command_id: str | None = None
+        self, key: str, fingerprint: str, owner: str, command_ref: str | None = None
     ) -> ClaimResult:
-        result: ClaimResult = await self._run(self._claim, key, fingerprint, owner, command_id)
+        result: ClaimResult = await self._run(self._claim, key, fingerprint, owner, command_ref)
         return result
 
     def _claim(
-        self, key: str, fingerprint: str, owner: str, command_id: str | None
+        self, key: str, fingerprint: str, owner: str, command_ref: str | None
     ) -> ClaimResult:
         now = time.time()
         self._db.execute("BEGIN IMMEDIATE")  # other processes on this file wait here
@@ -83,24 +83,35 @@ class SqliteStore:
                     (key, fingerprint, owner, now + self._lease_s, now + self._retention_s,
                      int(decided.after_send), decided.response_id),
                 )
-            if command_id is not None and not isinstance(decided, Conflict):
-                self._index(command_id, key, now)
+            if command_ref is not None and not isinstance(decided, Conflict):
+                self._index(command_ref, key, now, replace=True)
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         return decided
 
-    def _index(self, command_id: str, key: str, now: float) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO command_ids VALUES (?, ?, ?)",
-            (command_id, key, now + self._retention_s),
+    def _index(self, command_ref: str, key: str, now: float, replace: bool) -> None:
+        upsert = (
+            "INSERT INTO command_ids VALUES (?, ?, ?) ON CONFLICT(command_id) DO UPDATE SET"
+            " key = excluded.key, expires_at = excluded.expires_at"
+        )
+        expires_at = now + self._retention_s
+        if replace:
+            self._db.execute(upsert, (command_ref, key, expires_at))
+        else:  # a live entry stays as it is; an expired one is taken
+            self._db.execute(upsert + " WHERE command_ids.expires_at <= ?",
+                             (command_ref, key, expires_at, now))
+
+    async def complete(
+        self, key: str, owner: str, event: ResultEvent, command_ref: str,
+        replace_ref: bool = True,
+    ) -> None:
+        await self._run(
+            self._complete, key, event.model_dump_json(), command_ref, replace_ref
         )
 
-    async def complete(self, key: str, owner: str, event: ResultEvent) -> None:
-        await self._run(self._complete, key, event.model_dump_json(), event.data.command_id)
-
-    def _complete(self, key: str, event_json: str, command_id: str) -> None:
+    def _complete(self, key: str, event_json: str, command_ref: str, replace_ref: bool) -> None:
         # Stored whoever holds the lease now: the work is done and its answer is the truth.
         now = time.time()
         self._db.execute("BEGIN IMMEDIATE")
@@ -110,7 +121,7 @@ class SqliteStore:
                 (event_json, now + self._retention_s, key),
             )
             if cursor.rowcount:
-                self._index(command_id, key, now)
+                self._index(command_ref, key, now, replace_ref)
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -170,11 +181,11 @@ class SqliteStore:
             response_id=response_id,
         )
 
-    async def key_of(self, command_id: str) -> str | None:
+    async def key_of(self, command_ref: str) -> str | None:
         row = await self._run(
             lambda: self._db.execute(
                 "SELECT key FROM command_ids WHERE command_id = ? AND expires_at > ?",
-                (command_id, time.time()),
+                (command_ref, time.time()),
             ).fetchone()
         )
         return None if row is None else str(row[0])

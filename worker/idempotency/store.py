@@ -16,9 +16,14 @@ retention period.
 * :class:`Completed`: done before: replay the stored event;
 * :class:`Conflict`: the key was used for a different payload: reject.
 
+Keys and command ids live in their tenant's namespace (:func:`claim_key`,
+:func:`command_ref`): two tenants never collide on a key, nor learn that the other used it.
 Each record is also found by the id of the command that claimed or completed it
-(``claim(..., command_id=…)``, and the event's ``command_id`` at ``complete``), for as long
-as the record is kept, so an operator can look a result up (``command-relay result ID``).
+(``claim(..., command_ref=…)`` and ``complete(..., command_ref)``), for as long as the
+record is kept, so an operator can look a result up (``command-relay result ID``).
+
+The claim's lifecycle, as the handler and the vendor side use it, is the
+:class:`~worker.idempotency.claim.Claim` object (``claim.py``).
 
 This module holds the protocol and the decision both backends make: SQLite
 (``sqlite.py``; one host, the default) and Redis (``redis.py``; a fleet).
@@ -73,23 +78,48 @@ class StoredRecord:
 
 
 def fingerprint(command: Command) -> str:
-    """What makes two commands the same work: type, tenant and params (not id or deadline)."""
+    """What makes two commands the same work: type, tenant (its canonical, lower-case
+    name) and params; not id or deadline."""
     payload = command.model_dump(mode="json", include={"type", "tenant", "params"})
+    payload["tenant"] = command.tenant.lower()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def tenant_scoped(tenant: str | None, name: str) -> str:
+    """``name`` (an idempotency key, a command id) in its tenant's own namespace, so that
+    tenants never collide on, nor learn of, each other's keys and ids. Tenant names are
+    case-insensitive and never hold ``/``; a message without a usable tenant gets the
+    empty scope."""
+    return f"{(tenant or '').lower()}/{name}"
+
+
+def claim_key(command: Command) -> str:
+    """The store's key of a command's work: its tenant and its idempotency key."""
+    return tenant_scoped(command.tenant, command.key)
+
+
+def command_ref(command: Command) -> str:
+    """How the store finds a command by its id: its tenant and its id."""
+    return tenant_scoped(command.tenant, command.command_id)
 
 
 class IdempotencyStore(Protocol):
     async def claim(
-        self, key: str, fingerprint: str, owner: str, command_id: str | None = None
+        self, key: str, fingerprint: str, owner: str, command_ref: str | None = None
     ) -> ClaimResult:
-        """Take the key for ``owner``, or say why not. ``command_id`` is recorded as the
+        """Take the key for ``owner``, or say why not. ``command_ref`` is recorded as the
         key's command (found by :meth:`key_of`), unless the key is another work's
         (:class:`Conflict`)."""
         ...
 
-    async def complete(self, key: str, owner: str, event: ResultEvent) -> None:
+    async def complete(
+        self, key: str, owner: str, event: ResultEvent, command_ref: str,
+        replace_ref: bool = True,
+    ) -> None:
         """Store the terminal event with the claim; it is replayed from now on, and the
-        key is found by the event's ``command_id``."""
+        key is found by ``command_ref`` (:func:`command_ref`: the tenant's command id),
+        which keeps pointing where it did when ``replace_ref`` is off and it points
+        somewhere already (a rejection must not hide the work of the id it names)."""
         ...
 
     async def release(self, key: str, owner: str) -> None:
@@ -115,8 +145,9 @@ class IdempotencyStore(Protocol):
         """The key's record; None when there is none (never claimed, released, expired)."""
         ...
 
-    async def key_of(self, command_id: str) -> str | None:
-        """The key the command with this id claimed or completed, while it is kept."""
+    async def key_of(self, command_ref: str) -> str | None:
+        """The key the command ``command_ref`` (its tenant and id) claimed or completed,
+        while it is kept."""
         ...
 
     async def discard(self, key: str, event_id: str) -> bool:

@@ -15,18 +15,8 @@ from typing import TextIO
 from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
-# Bearer tokens, OAuth fields and password-ish key/value pairs, in any text that may get
-# into a log line (exception messages included).
-SECRET_PATTERNS = (
-    re.compile(r"(?i)(bearer\s+)[^\s\"',]+"),
-    re.compile(
-        r"(?i)((?:access_token|refresh_token|password|client_secret|token_secret|secret)"
-        r"[\"']?\s*[:=]\s*[\"']?)[^\s\"'&,}]+"
-    ),
-    # A URL's user and password: amqp://relay:pw@rabbit → amqp://[redacted]@rabbit
-    re.compile(r"(?i)(\b[a-z][a-z0-9+.\-]*://)[^\s/?#]+(?=@)"),
-)
-REDACTED = "[redacted]"
+from worker.redaction import Redactor
+
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 # The ``extra`` fields a text line shows after its message, in this order.
 CONTEXT_FIELDS = (
@@ -37,19 +27,24 @@ PLAIN_VALUE = re.compile(r"[^\s\"'=\\]+")
 
 
 def redact(text: str) -> str:
-    for pattern in SECRET_PATTERNS:
-        text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
-    return text
+    """``text`` without secret-shaped values (what the worker does not know itself)."""
+    return Redactor().text(text)
 
 
 class RedactingFilter(logging.Filter):
-    """Scrubs the rendered message (and exception text) of every record it sees."""
+    """Scrubs the rendered message (and exception text) of every record it sees: of
+    every secret the process knows (``redactor``) and of secret-shaped values."""
+
+    def __init__(self, redactor: Redactor | None = None) -> None:
+        super().__init__()
+        self._redactor = redactor or Redactor()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact(record.getMessage())
+        record.msg = self._redactor.text(record.getMessage())
         record.args = None
         if record.exc_info and record.exc_info[1] is not None:
-            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = self._redactor.text(text)
             record.exc_info = None
         return True
 
@@ -94,8 +89,11 @@ def _quoted(value: object) -> str:
     return text if PLAIN_VALUE.fullmatch(text) and text.isprintable() else json.dumps(text)
 
 
-def handler_for(fmt: str, stream: TextIO = sys.stderr) -> logging.Handler:
-    """A handler writing ``text`` or ``json`` lines, trace ids added, secrets scrubbed."""
+def handler_for(
+    fmt: str, stream: TextIO = sys.stderr, redactor: Redactor | None = None
+) -> logging.Handler:
+    """A handler writing ``text`` or ``json`` lines, trace ids added, secrets scrubbed
+    (those ``redactor`` knows, and secret-shaped values)."""
     handler = logging.StreamHandler(stream)
     if fmt == "json":
         handler.setFormatter(
@@ -107,12 +105,12 @@ def handler_for(fmt: str, stream: TextIO = sys.stderr) -> logging.Handler:
     else:
         handler.setFormatter(TextFormatter())
     handler.addFilter(TraceContextFilter())
-    handler.addFilter(RedactingFilter())
+    handler.addFilter(RedactingFilter(redactor))
     return handler
 
 
-def configure(level: str = "INFO", fmt: str = "text") -> None:
-    handler = handler_for(fmt)
+def configure(level: str = "INFO", fmt: str = "text", redactor: Redactor | None = None) -> None:
+    handler = handler_for(fmt, redactor=redactor)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

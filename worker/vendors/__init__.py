@@ -10,7 +10,8 @@ wraps its sender (``coalescing.py``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import httpx
@@ -27,6 +28,7 @@ from schemas.commands import (
 from schemas.events import ErrorCode, VendorName
 from worker.errors import CommandRejected, PermanentFailure
 from worker.ops.telemetry import Telemetry
+from worker.redaction import Redactor
 from worker.replies import VendorReply, VendorRequest
 from worker.settings import EsetAccount, FylrAccount, Settings, SpaazaAccount, Tenant
 from worker.vendors import eset, fylr, spaaza
@@ -55,7 +57,6 @@ class VendorCall:
     request: VendorRequest
     sender: Send
     confirmation: Confirmation | None = None
-    body_of: Callable[[Any], Any] | None = None  # the event's body, from the vendor's
 
 
 class Vendors:
@@ -69,8 +70,12 @@ class Vendors:
         policy: RetryPolicy,
         telemetry: Telemetry,
         transport: httpx.AsyncBaseTransport | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
+        """``redactor``: the process's; it learns every token a vendor issues (default:
+        one knowing the configuration's secrets)."""
         self._settings = settings
+        self.redactor = redactor or Redactor(settings.secret_values())
         self._rate_limits = rate_limits
         self._policy = policy
         self._telemetry = telemetry
@@ -102,7 +107,7 @@ class Vendors:
             case FetchPatchingCommand():
                 account = self._account(command.tenant, "eset")
                 request = eset.patching(template, account)
-                return self._call(command, request, body_of=eset.patching_details)
+                return self._call(command, request)
         raise AssertionError(f"no vendor call for {command.type}")  # the contract is closed
 
     async def run(
@@ -116,8 +121,6 @@ class Vendors:
             return await self._confirmed(call, budget, refusal)
         finally:
             self._record(call, budget)
-        if call.body_of is not None:
-            return replace(reply, body=call.body_of(reply.body), retry_after_s=None)
         return reply
 
     async def collect(self, call: VendorCall, response_id: str, budget: CallBudget) -> VendorReply:
@@ -166,10 +169,9 @@ class Vendors:
         command: Command,
         request: VendorRequest,
         confirmation: Confirmation | None = None,
-        body_of: Callable[[Any], Any] | None = None,
     ) -> VendorCall:
         sender = self._sender(command.tenant, request.vendor)
-        return VendorCall(command.type, request, sender, confirmation, body_of)
+        return VendorCall(command.type, request, sender, confirmation)
 
     def _account(self, tenant_name: str, vendor: VendorName) -> Any:
         account = getattr(self.tenant(tenant_name), vendor)
@@ -210,11 +212,13 @@ class Vendors:
             {"grant_type": "password", "username": account.username, "password": account.password},
             vendor="eset",
             refresh_margin_s=self._settings.token_refresh_margin_s,
+            on_issued=partial(self.redactor.remember, f"eset|{account.username}"),
         )
         return self._new_sender(client, auth, "eset", account.username, follows_202=True)
 
     def _make_fylr(self, account: FylrAccount) -> Sender:
         client = self._http_client()
+        account_key = f"{account.base_url}|{account.client_id}|{account.username or ''}"
         auth = OAuthToken(
             client,
             fylr.token_url(account),
@@ -222,8 +226,8 @@ class Vendors:
             vendor="fylr",
             refresh_margin_s=self._settings.token_refresh_margin_s,
             client_fields=fylr.client(account),
+            on_issued=partial(self.redactor.remember, f"fylr|{account_key}"),
         )
-        account_key = f"{account.base_url}|{account.client_id}|{account.username or ''}"
         return self._new_sender(client, auth, "fylr", account_key)
 
     def _make_spaaza(self, account: SpaazaAccount) -> Sender:
@@ -248,6 +252,7 @@ class Vendors:
             policy=self._policy,
             telemetry=self._telemetry,
             collect_interval_s=self._settings.collect_interval_s,
+            redactor=self.redactor,
             follows_202=follows_202,
         )
 

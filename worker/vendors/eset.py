@@ -12,7 +12,7 @@ from typing import Any
 
 from schemas.commands import BatchDeleteParams, EsetUpdateTriggersParams
 from schemas.events import ErrorCode
-from worker.errors import CommandRejected
+from worker.errors import CommandRejected, TransientFailure
 from worker.replies import VendorRequest
 from worker.settings import EsetAccount
 
@@ -73,9 +73,19 @@ def patching(template: str, account: EsetAccount) -> VendorRequest:
         method="GET",
         url=eset_host(template, account.region, "patch-management") + PATCHING_PATH,
         route=PATCHING_PATH,
+        body_of=patching_details,
     )
 
 
-def patching_details(body: Any) -> Any:
-    """The contract's event body for fetch-patching: the list itself."""
-    return body.get("patchingDetails", []) if isinstance(body, dict) else []
+def patching_details(body: Any) -> list[Any]:
+    """The contract's event body for fetch-patching: the list itself (ESET's JSON leaves
+    an empty list out). A 200 with anything else is not the list, and not a success:
+    the read is asked again."""
+    details = body.get("patchingDetails", []) if isinstance(body, dict) else None
+    if not isinstance(details, list):
+        raise TransientFailure(
+            ErrorCode.VENDOR_UNAVAILABLE,
+            "eset answered 200 with a body that holds no patchingDetails list",
+            vendor_status=200,
+        )
+    return details

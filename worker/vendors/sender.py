@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from opentelemetry import trace
+from pydantic_core import from_json
 
 from schemas.events import ErrorCode, VendorName
 from worker.errors import (
@@ -28,11 +29,19 @@ from worker.errors import (
     Withheld,
 )
 from worker.ops.telemetry import Telemetry
-from worker.replies import VendorReply, VendorRequest, retry_after_s
+from worker.redaction import Redactor
+from worker.replies import (
+    VendorReply,
+    VendorRequest,
+    nested_deeper_than,
+    retry_after_s,
+    usable_id,
+)
 from worker.vendors.retries import RetryPolicy
 from worker.vendors.transport import TOO_LARGE_HEADER, VendorClient, transport_failure
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_BODY_DEPTH = 64  # the deepest answer body kept: events are stored and published as JSON
 # While collecting, 504 means "ESET gave up waiting": not a pause to retry through.
 COLLECT_RETRYABLE_STATUSES = frozenset({429, 500, 502, 503})
 MAX_ERROR_TEXT = 300
@@ -50,7 +59,6 @@ class CallBudget:
     collects: int = 0
     statuses: list[int] = field(default_factory=list)
     vendor_time_s: float = 0.0  # time spent waiting on vendor HTTP answers
-    accepted_as: str | None = None  # the response-id of a 202'd mutation being collected
 
     @property
     def retry_until(self) -> float:
@@ -133,13 +141,14 @@ class Sender:
     policy: RetryPolicy
     telemetry: Telemetry
     collect_interval_s: float
+    redactor: Redactor  # what a vendor answers is scrubbed of every known secret
     follows_202: bool = False  # ESET: a 202 is collected with its response-id
 
     async def send(
         self, request: VendorRequest, budget: CallBudget, marks: Marks = GO_AHEAD
     ) -> VendorReply:
-        """The final 2xx answer; raises a :class:`~worker.errors.RelayError` otherwise, or
-        :class:`~worker.errors.Withheld` when ``marks`` said no."""
+        """The final 2xx answer; raises a :class:`~worker.errors.RelayError` otherwise
+        (:class:`~worker.errors.Withheld` when ``marks`` said no)."""
         while True:
             reply: VendorReply | None = None
             # The back-off stops at the retry deadline, where delayed retries take over.
@@ -147,19 +156,53 @@ class Sender:
                 with attempt:
                     budget.attempts += 1
                     self.telemetry.instruments.attempts.add(1, {"relay.vendor": request.vendor})
-                    reply = await self._exchange(request, budget, marks)
-                    if reply.status in RETRYABLE_STATUSES:
-                        raise transient(reply)
+                    reply = self._checked(request, await self._exchange(request, budget, marks))
             assert reply is not None  # tenacity re-raises when no attempt succeeded
-            if not (reply.status == 202 and self.follows_202 and reply.response_id):
+            if not (reply.status == 202 and self.follows_202):
                 break
-            await self._keep_accepted(request, reply.response_id, budget, marks)
-            collected = await self._collected(request, reply.response_id, budget)
+            response_id = self._kept_202(request, reply)
+            await self._keep_accepted(request, response_id, marks)
+            collected = await self._collected(request, response_id, budget)
             if collected is not None:
                 return collected
-        if reply.status >= 400:
+        if not is_success(reply.status):
             raise refused(reply)
         return reply
+
+    def _checked(self, request: VendorRequest, reply: VendorReply) -> VendorReply:
+        """The answer, with a success's body read as the call reads it; raises for a
+        pause to retry through: 429, 5xx gateways, a read's 202 that can not be collected
+        and a success that is not the answer the call returns (both simply asked again)."""
+        if reply.status in RETRYABLE_STATUSES:
+            raise transient(reply)
+        if reply.status == 202 and self.follows_202:
+            if reply.response_id is None and not request.is_mutation:
+                raise TransientFailure(
+                    ErrorCode.VENDOR_UNAVAILABLE,
+                    f"{reply.vendor} answered 202 without a usable response-id to collect "
+                    "the answer with",
+                    vendor_status=202,
+                    reply=reply,
+                )
+            return reply
+        if is_success(reply.status) and request.body_of is not None:
+            return replace(reply, body=request.body_of(reply.body))
+        return reply
+
+    def _kept_202(self, request: VendorRequest, reply: VendorReply) -> str:
+        """The response-id of a mutation's 202; a 202 without one that can be sent back
+        (missing, empty, odd characters) leaves the answer uncollectable: the vendor may
+        have acted, so the mutation is not sent again and the command fails as lost."""
+        if reply.response_id is not None:
+            return reply.response_id
+        raise PermanentFailure(
+            ErrorCode.RESULT_LOST,
+            f"{reply.vendor} accepted the request (202) but gave no usable response-id to "
+            "collect its answer with; it may or may not have taken effect, so it was not "
+            "sent again: check before re-sending",
+            vendor_status=202,
+            reply=reply,
+        )
 
     async def collect(
         self, request: VendorRequest, response_id: str, budget: CallBudget
@@ -172,11 +215,10 @@ class Sender:
         return collected
 
     async def _keep_accepted(
-        self, request: VendorRequest, response_id: str, budget: CallBudget, marks: Marks
+        self, request: VendorRequest, response_id: str, marks: Marks
     ) -> None:
         if not request.is_mutation:
             return  # a read is simply asked again if its answer is lost
-        budget.accepted_as = response_id
         if not await marks.accepted(response_id):
             raise Withheld(f"{request.vendor} accepted {request.route} (202), but its answer "
                            "is no longer this worker's to collect")
@@ -200,18 +242,20 @@ class Sender:
             try:
                 reply = await self._exchange(request, budget, GO_AHEAD, response_id)
             except TransientFailure:
-                continue  # unreachable for now: the answer stays cached, keep asking
+                continue  # the vendor could not be reached: its answer stays cached
             # 202: still working. A pause (429, 5xx) is waited out, never resent: the
             # vendor may already have acted. 504 means ESET gave up waiting: lost.
             if reply.status == 202 or reply.status in COLLECT_RETRYABLE_STATUSES:
                 wait_s = max(self.collect_interval_s, reply.retry_after_s or 0.0)
                 continue
+            if is_success(reply.status):
+                return replace(self._checked(request, reply), response_id=response_id)
+            # Lost (404), given up (504), refused or redirected: a mutation's answer is
+            # gone and says nothing of whether it was done; a read is asked again.
+            _fail_if_mutation(request, reply)
             if reply.status in (404, 504):
-                _fail_if_mutation(request, reply)
-                return None  # a read is asked again
-            if reply.status >= 400:
-                raise refused(reply)
-            return replace(reply, response_id=response_id)
+                return None
+            raise refused(reply)
 
     async def _exchange(
         self,
@@ -242,7 +286,7 @@ class Sender:
                 finally:
                     budget.vendor_time_s += time.monotonic() - sent_at
                     await self.rate_slot.answered(send)
-                _record_response(span, response)
+                _record_response(span, response, self.redactor)
             status = response.status_code
             self.telemetry.instruments.vendor_responses.add(
                 1, {"relay.vendor": request.vendor, "http.response.status_code": status}
@@ -251,7 +295,7 @@ class Sender:
                 break
             self.auth.invalidate(authorization)
         budget.statuses.append(response.status_code)
-        return as_reply(request.vendor, response, response_id)
+        return read_reply(request.vendor, response, response_id, self.redactor)
 
     async def _admitted(self, request: VendorRequest, marks: Marks) -> str:
         """The rate slot's go for one send, with the caller's for a mutation in between.
@@ -325,37 +369,55 @@ def _without_credentials(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"REDACTED:REDACTED@{host}"))
 
 
-def _record_response(span: trace.Span, response: httpx.Response) -> None:
+def _record_response(span: trace.Span, response: httpx.Response, redactor: Redactor) -> None:
     span.set_attribute("http.response.status_code", response.status_code)
-    request_id = response.headers.get("request-id")
+    request_id = usable_id(response.headers.get("request-id"))
     if request_id:
-        span.set_attribute("relay.vendor.request_id", request_id)
-    if response.status_code >= 400:
+        span.set_attribute("relay.vendor.request_id", redactor.text(request_id))
+    if not is_success(response.status_code):
         span.set_attribute("error.type", str(response.status_code))
         span.set_status(trace.StatusCode.ERROR)
 
 
-def as_reply(vendor: VendorName, response: httpx.Response, response_id: str | None) -> VendorReply:
+def is_success(status: int) -> bool:
+    """2xx: the vendor did it. A 3xx is never followed (it could lead to a host no
+    setting named), so it is no success either."""
+    return 200 <= status <= 299
+
+
+def read_reply(
+    vendor: VendorName, response: httpx.Response, response_id: str | None, redactor: Redactor
+) -> VendorReply:
+    """The answer as the worker keeps it: ids that can be sent back and shown (else
+    None), the body parsed within bounds, and nothing in it that the worker knows as a
+    secret (a vendor or proxy may echo the request, its Authorization header included)."""
+    request_id = usable_id(response.headers.get("request-id"))
     return VendorReply(
         vendor=vendor,
         status=response.status_code,
-        body=_json_or_text(response),
-        request_id=response.headers.get("request-id"),
-        response_id=response.headers.get("response-id", response_id),
+        body=redactor.value(_body(response)),
+        request_id=None if request_id is None else redactor.text(request_id),
+        response_id=usable_id(response.headers.get("response-id")) or response_id,
         retry_after_s=retry_after_s(response.headers.get("retry-after")),
     )
 
 
-def _json_or_text(response: httpx.Response) -> Any:
+def _body(response: httpx.Response) -> Any:
+    """The body as JSON when it is JSON (nested at most :data:`MAX_BODY_DEPTH` levels),
+    else a short text; or a note of why it was not kept."""
     too_large = response.headers.get(TOO_LARGE_HEADER)
     if too_large:
         return f"(the answer's body was over {too_large} bytes and was not kept)"
-    if not response.content:
+    content = response.content
+    if not content:
         return None
     try:
-        return response.json()
-    except ValueError:
-        return response.text[:MAX_ERROR_TEXT]
+        body = from_json(content, allow_inf_nan=False)
+    except ValueError:  # not JSON, not UTF-8, or nested past the parser's own limit
+        return content[:MAX_ERROR_TEXT].decode("utf-8", "replace")
+    if nested_deeper_than(body, MAX_BODY_DEPTH):
+        return f"(the answer's body nested deeper than {MAX_BODY_DEPTH} levels; not kept)"
+    return body
 
 
 def transient(reply: VendorReply) -> TransientFailure:
@@ -369,9 +431,14 @@ def transient(reply: VendorReply) -> TransientFailure:
 
 def refused(reply: VendorReply) -> PermanentFailure:
     code = ErrorCode.VENDOR_AUTH_FAILED if reply.status in (401, 403) else ErrorCode.VENDOR_REJECTED
+    what = "refused the request with"
+    if 300 <= reply.status <= 399:
+        what = "answered with a redirect, which is never followed (check the tenant's host):"
+    elif not 400 <= reply.status <= 599:
+        what = "answered with a status that is neither success nor error:"
     return PermanentFailure(
         code,
-        f"{reply.vendor} refused the request with {reply.status}{_detail(reply)}",
+        f"{reply.vendor} {what} {reply.status}{_detail(reply)}",
         vendor_status=reply.status,
         reply=reply,
     )

@@ -18,12 +18,15 @@ from the environment. A refused certificate fails the call for good
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ssl
 from functools import lru_cache
 from typing import Any
 
+import aiohttp
 import httpx
+from aiohttp.http_exceptions import HttpProcessingError
 from httpx_aiohttp import AiohttpTransport
 
 from schemas.events import ErrorCode
@@ -71,6 +74,7 @@ class VendorClient:
             verify=_verify(tls), proxy=_proxy(tls), limits=limits, trust_env=False
         )
         self._timeout = httpx.Timeout(timeout_s).as_dict()
+        self._timeout_s = timeout_s
         self._max_body_bytes = max_body_bytes
 
     async def request(
@@ -90,11 +94,26 @@ class VendorClient:
             headers={**BASE_HEADERS, **(headers or {})},
             extensions={"timeout": self._timeout},
         )
-        response = await self._transport.handle_async_request(request)
         try:
-            return await self._bounded(request, response)
-        finally:
-            await response.aclose()
+            # The whole exchange, not each read: a vendor dripping its headers or body a
+            # byte at a time would otherwise hold the call (and the command) for ever.
+            async with asyncio.timeout(self._timeout_s):
+                response = await self._transport.handle_async_request(request)
+                try:
+                    return await self._bounded(request, response)
+                finally:
+                    await response.aclose()
+        except TimeoutError as error:
+            raise httpx.ReadTimeout(
+                f"no whole answer within {self._timeout_s:g}s", request=request
+            ) from error
+        except (aiohttp.ClientError, HttpProcessingError, OSError, ValueError) as error:
+            # An answer aiohttp could not read (a 64 KB header, 2,000 headers, a broken
+            # status line), or a request it refused to write: the exchange failed, as a
+            # reset would have (httpx-aiohttp maps only some of these).
+            raise httpx.RemoteProtocolError(
+                f"{type(error).__name__}: the exchange failed", request=request
+            ) from error
 
     async def _bounded(self, request: httpx.Request, response: httpx.Response) -> httpx.Response:
         """The answer with its body read, but never more than the limit of it."""
