@@ -274,7 +274,7 @@ class Sender:
             with self.telemetry.tracer.start_as_current_span(
                 f"{request.method} {request.route}",
                 kind=trace.SpanKind.CLIENT,
-                attributes=_span_attributes(request, response_id, budget),
+                attributes=_span_attributes(request, response_id, budget, self.redactor),
             ) as span:
                 try:
                     response = await self.client.request(
@@ -338,7 +338,7 @@ def _unreachable(
 
 
 def _span_attributes(
-    request: VendorRequest, response_id: str | None, budget: CallBudget
+    request: VendorRequest, response_id: str | None, budget: CallBudget, redactor: Redactor
 ) -> dict[str, str | int | bool]:
     url = urlsplit(request.url)
     attributes: dict[str, str | int | bool] = {
@@ -354,7 +354,7 @@ def _span_attributes(
     if response_id is None and budget.attempts > 1:
         attributes["http.request.resend_count"] = budget.attempts - 1
     if response_id is not None:
-        attributes["relay.vendor.response_id"] = response_id
+        attributes["relay.vendor.response_id"] = redactor.text(response_id)
     return attributes
 
 
