@@ -6,6 +6,7 @@ import asyncio
 import gzip
 
 import httpx
+import pytest
 
 from worker.redaction import Redactor
 from worker.vendors.sender import read_reply
@@ -42,3 +43,44 @@ def test_a_compressed_body_is_bounded_by_its_decoded_size() -> None:
     )
     assert TOO_LARGE_HEADER in response.headers
     assert len(response.content) == 0
+
+
+async def serve_then_hang_up(requests: list[bytes]) -> asyncio.Server:
+    """A vendor that answers its first request and closes the (kept-alive) connection on
+    the second without answering; any later request is answered again."""
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            requests.append(head)
+            if len(requests) == 2:
+                break  # hang up: no answer to this one
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(client, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "POST"])
+def test_a_request_whose_connection_closed_unanswered_is_not_sent_again_by_the_client(
+    method: str,
+) -> None:
+    """aiohttp would resend a GET or PUT on its own; each send must be one the worker
+    counted and gated (its retry policy decides)."""
+    requests: list[bytes] = []
+
+    async def main() -> type[Exception]:
+        server = await serve_then_hang_up(requests)
+        port = server.sockets[0].getsockname()[1]
+        client = VendorClient(1, 5.0, None, 1024)
+        try:
+            await client.request(method, f"http://127.0.0.1:{port}/x")
+            with pytest.raises(httpx.TransportError) as lost:
+                await client.request(method, f"http://127.0.0.1:{port}/x")
+            return type(lost.value)
+        finally:
+            await client.aclose()
+            server.close()
+
+    assert asyncio.run(main()) is httpx.RemoteProtocolError
+    assert len(requests) == 2

@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 import httpx
+from aiohttp import ClientSession
 from aiohttp.http_exceptions import HttpProcessingError
 from httpx_aiohttp import AiohttpTransport
 
@@ -70,7 +71,7 @@ class VendorClient:
         the CAs vendor certificates are checked with and the proxy calls go through;
         None: certifi's CAs, no proxy."""
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        self._transport = transport or AiohttpTransport(
+        self._transport = transport or OneTryTransport(
             verify=_verify(tls), proxy=_proxy(tls), limits=limits, trust_env=False
         )
         self._timeout = httpx.Timeout(timeout_s).as_dict()
@@ -103,6 +104,14 @@ class VendorClient:
                     return await self._bounded(request, response)
                 finally:
                     await response.aclose()
+        except httpx.ConnectTimeout as error:
+            if isinstance(error.__cause__, aiohttp.ServerDisconnectedError):
+                # httpx-aiohttp calls a connection closed before the answer a connect
+                # timeout; it is not: the request may have reached the vendor.
+                raise httpx.RemoteProtocolError(
+                    "the vendor closed the connection before answering", request=request
+                ) from error
+            raise
         except TimeoutError as error:
             raise httpx.ReadTimeout(
                 f"no whole answer within {self._timeout_s:g}s", request=request
@@ -146,9 +155,25 @@ class VendorClient:
         await self._transport.aclose()
 
 
+class OneTryTransport(AiohttpTransport):
+    """httpx-aiohttp's transport on a session that never sends a request again by itself.
+    aiohttp resends a GET or a PUT (Spaaza's update) once when a kept-alive connection
+    closes before the answer: a call the vendor may have acted on, uncounted and past
+    the claim's gate. The worker's own retry policy is the only one."""
+
+    def get_client(self) -> ClientSession:
+        session = super().get_client()
+        session._retry_connection = False  # aiohttp 3 has no public switch for it
+        return session
+
+
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError, httpx.UnsupportedProtocol)
+
+
 def transport_failure(where: str, error: httpx.TransportError) -> RelayError:
     """What an exchange that got no answer means: a refused certificate fails for good
-    (with what to fix), anything else (refused, reset, timed out) may pass."""
+    (with what to fix), anything else (refused, reset, timed out) may pass. The message
+    says whether the request can have reached the vendor."""
     refusal = refused_certificate(error)
     if refusal is not None:
         return PermanentFailure(
@@ -158,9 +183,12 @@ def transport_failure(where: str, error: httpx.TransportError) -> RelayError:
             "signs it, set RELAY_VENDOR_TLS_CA_FILE to that CA's PEM file, else check the "
             "tenant's host",
         )
-    return TransientFailure(
-        ErrorCode.VENDOR_UNAVAILABLE, f"{where} could not be reached: {type(error).__name__}"
-    )
+    if isinstance(error, NOT_SENT):
+        what = f"{where} could not be reached ({type(error).__name__})"
+    else:
+        what = (f"no whole answer came back from {where} ({type(error).__name__}); the "
+                "request may have reached it")
+    return TransientFailure(ErrorCode.VENDOR_UNAVAILABLE, what)
 
 
 def _verify(tls: TlsSettings | None) -> ssl.SSLContext | bool:
