@@ -27,7 +27,9 @@ from worker.idempotency import (
     Conflict,
     IdempotencyStore,
     InProgress,
+    RetryNote,
     fingerprint,
+    keep_retry_note,
 )
 from worker.ops.outage import Outage
 from worker.replies import VendorReply
@@ -230,6 +232,8 @@ class Handler:
             else:
                 log.info("retrying later", extra={**command_fields(command), "delay_s": delay_s})
                 await self._release(command.key, holder)  # the retry claims it again
+                await keep_retry_note(self._store, command.key, RetryNote.after(
+                    error, delivery.attempts + budget.attempts, delay_s))
                 return Settlement(
                     None, Action.DELAY, delay_s, delivery.retries + 1,
                     delivery.attempts + budget.attempts,

@@ -13,8 +13,11 @@ from worker.idempotency.store import (
     Conflict,
     IdempotencyStore,
     InProgress,
+    RetryNote,
     StoredRecord,
     fingerprint,
+    keep_retry_note,
+    replica_of,
 )
 from worker.settings import TlsFiles
 
@@ -25,10 +28,13 @@ __all__ = [
     "Conflict",
     "IdempotencyStore",
     "InProgress",
+    "RetryNote",
     "SqliteStore",
     "StoredRecord",
     "fingerprint",
+    "keep_retry_note",
     "open_store",
+    "replica_of",
 ]
 
 
