@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import pty
+import select
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -24,6 +26,7 @@ WAIT = ("--wait", "--timeout", "60")
 BATCH_DELETE = ("send", "batch-delete", "--params",
                 json.dumps({"object_uuids": [str(uuid.uuid4())]}))
 CANCEL = ("send", "cancel-task", "--params", '{"task_id": 4242}')
+TERMINAL_PATIENCE_S = 90.0  # the longest a command on a terminal is read for
 
 
 def progress_lines(stderr: str) -> list[str]:
@@ -46,14 +49,21 @@ def run_on_a_terminal(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     )
     os.close(terminal)
     shown = b""
+    give_up_at = time.monotonic() + TERMINAL_PATIENCE_S
     try:
-        while chunk := os.read(controller, 4096):
-            shown += chunk
+        while time.monotonic() < give_up_at:
+            readable, _, _ = select.select([controller], [], [], 1.0)
+            if readable and not (chunk := os.read(controller, 4096)):
+                break
+            if readable:
+                shown += chunk
     except OSError:  # EIO: the terminal's last writer is gone
         pass
     finally:
         os.close(controller)
-    out, _ = process.communicate(timeout=90)
+        if process.poll() is None and time.monotonic() >= give_up_at:
+            process.kill()
+    out, _ = process.communicate(timeout=TERMINAL_PATIENCE_S)
     return process.returncode, out, shown.decode(errors="replace")
 
 

@@ -128,7 +128,10 @@ class CommandClient:
                 self._read(min(self._read_wait_s, left_s))
             while self._received:
                 message = self._received.pop(0)
-                message.ack()
+                # Had the connection just gone, the event is in hand all the same: the
+                # next read says the connection was lost.
+                with contextlib.suppress(*self._connection.connection_errors):
+                    message.ack()
                 give_up_at = time.monotonic() + timeout_s
                 yield Reply(
                     ResultEvent.model_validate_json(message.body),
