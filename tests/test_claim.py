@@ -6,10 +6,12 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from worker.idempotency import Claim, Claims, InProgress, SqliteStore, StoredRecord
+from worker.idempotency import Claim, Claims, InProgress, RetryNote, SqliteStore, StoredRecord
 from worker.ops.outage import Outage
 
 KEY = "acme/key-1"
+NOTE = RetryNote(attempts=1, error_code="vendor_unavailable", error_message="eset answered 503",
+                 next_try_at=2_000_000_000.0)
 
 
 def scenario(tmp_path: Path, steps: Callable[[Claims, SqliteStore], Awaitable[object]]) -> object:
@@ -51,11 +53,11 @@ def test_a_transient_failure_gives_a_sent_claim_back_but_not_a_202(tmp_path: Pat
     async def steps(claims: Claims, store: SqliteStore) -> tuple[object, object]:
         sent = await taken(claims)
         await sent.sending()
-        await sent.release_for_retry()
+        await sent.release_for_retry(NOTE)
         retried = await taken(claims)  # free again: the retry takes it
         assert await retried.sending()
         assert await retried.accepted("response-1")
-        await retried.release_for_retry()
+        await retried.release_for_retry(NOTE)
         record = await store.find(KEY)
         return retried.sent, record and record.response_id
 

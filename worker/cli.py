@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -35,6 +36,7 @@ from worker.admin import UserError
 if TYPE_CHECKING:
     from schemas.events import ResultEvent
     from worker.admin.deadletters import DeadLetter, Selection
+    from worker.client import Reply
     from worker.settings import Settings
 
 log = logging.getLogger("worker.cli")
@@ -174,11 +176,18 @@ def send(
         typer.Option(help="Seconds to wait with --wait (default: as long as the retries of "
                           "the configured schedule may take)."),
     ] = None,
+    progress: Annotated[
+        bool | None,
+        typer.Option("--progress/--no-progress",
+                     help="With --wait, say on standard error each stage the command reaches "
+                          "(claimed, sent, waiting for a retry), read from the idempotency "
+                          "store (default: when standard error is a terminal)."),
+    ] = None,
 ) -> None:
     """Publish a command, from flags or from JSON, to the configured broker."""
-    from worker.admin.mistakes import broker_errors
+    from worker.admin.mistakes import broker_errors, lost_while_waiting
     from worker.broker.topology import Topology
-    from worker.client import CommandClient
+    from worker.client import CommandClient, ConnectionLost
 
     command = _command_from(command_type, params, tenant, key, deadline, file)
     settings = _settings("RELAY_BROKER_URL")
@@ -199,17 +208,55 @@ def send(
             "command)…",
             err=True,
         )
-        for reply in client.events(wait_s):
-            if reply.correlation_id == message_id:
-                _print_event(reply.event)
-                succeeded = reply.event.data.outcome == "succeeded"
-                raise typer.Exit(0 if succeeded else EXIT_FAILED)
+        shown = sys.stderr.isatty() if progress is None else progress
+        try:
+            with _progress_of(settings, message_id, str(command.get("tenant")), shown):
+                event = _result_of(client.events(wait_s), message_id)
+        except ConnectionLost as lost:
+            for line in lost_while_waiting(
+                lost.__cause__ or lost, settings.broker_url, message_id
+            ).lines():
+                typer.echo(line, err=True)
+            raise typer.Exit(EXIT_NO_RESULT_YET) from None
+        if event is not None:
+            _print_event(event)
+            raise typer.Exit(0 if event.data.outcome == "succeeded" else EXIT_FAILED)
     typer.echo(
         f"no result within {wait_s:g}s; the command may still be running. Look it up "
         f"with: command-relay result {message_id}",
         err=True,
     )
     raise typer.Exit(EXIT_NO_RESULT_YET)
+
+
+def _result_of(replies: Iterator[Reply], message_id: str) -> ResultEvent | None:
+    """The event of ``message_id`` among ``replies``; None when they end without it."""
+    for reply in replies:
+        if reply.correlation_id == message_id:
+            return reply.event
+    return None
+
+
+@contextmanager
+def _progress_of(
+    settings: Settings, command_id: str, tenant: str, shown: bool
+) -> Iterator[None]:
+    """While inside, ``send --wait``'s progress lines on standard error, if ``shown``."""
+    if not shown:
+        yield
+        return
+    from worker.admin.progress import ProgressWatch
+    from worker.idempotency import open_store
+
+    def store() -> Any:
+        return open_store(
+            settings.idempotency_url, settings.claim_lease_s, settings.idempotency_retention_s,
+            settings.tls.redis,
+        )
+
+    say = partial(typer.echo, err=True)
+    with ProgressWatch(store, command_id, say, tenant=tenant):
+        yield
 
 
 @app.command()

@@ -37,6 +37,7 @@ from worker.idempotency import (
     Conflict,
     IdempotencyStore,
     InProgress,
+    RetryNote,
     claim_key,
     command_ref,
     fingerprint,
@@ -222,7 +223,8 @@ class Handler:
             except RelayError as error:
                 delay_s = self._next_delay_s(command, delivery) if error.retryable else None
                 if delay_s is not None:
-                    return await self._retry_later(command, claim, delay_s, delivery, budget)
+                    return await self._retry_later(command, claim, error, delay_s, delivery,
+                                                   budget)
                 event = self._event(command, started_at, delivery, budget, error=error)
             except Exception as bug:
                 if not claim.sent:
@@ -244,15 +246,18 @@ class Handler:
         self,
         command: Command,
         claim: Claim,
+        error: RelayError,
         delay_s: float,
         delivery: DeliveryInfo,
         budget: CallBudget,
     ) -> Settlement:
         log.info("retrying later", extra={**command_fields(command), "delay_s": delay_s})
-        await claim.release_for_retry()  # the retry claims it again
+        attempts = delivery.attempts + budget.attempts
+        # The retry claims it again; meanwhile the key says why it waits, and until when.
+        await claim.release_for_retry(RetryNote.after(error, attempts, delay_s))
         return Settlement(
             None, Action.DELAY, delay_s, delivery.retries + 1,
-            delivery.attempts + budget.attempts,
+            attempts,
         )
 
     async def _collect_for_dead_holder(

@@ -12,7 +12,7 @@ from worker.broker.consumer import CommandConsumer
 from worker.broker.topology import Topology
 from worker.handler import Handler
 from worker.idempotency import IdempotencyStore, open_store
-from worker.ops.health import Check, create_health_app
+from worker.ops.health import Check, LoopHeartbeat, create_health_app
 from worker.ops.http_server import BackgroundServer
 from worker.ops.outage import Outage
 from worker.ops.telemetry import Telemetry
@@ -45,6 +45,8 @@ class RelayService:
         self.health: BackgroundServer | None = None  # serving while run() runs, if enabled
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.loop = HandlerLoop()
+        # /healthz fails when the loop has not stamped this for settings.liveness_stall_s.
+        self.heartbeat = LoopHeartbeat(settings.liveness_stall_s)
         self.store: IdempotencyStore = open_store(
             settings.idempotency_url, settings.claim_lease_s, settings.idempotency_retention_s,
             settings.tls.redis,
@@ -94,10 +96,11 @@ class RelayService:
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set, then finish in-flight work and close everything."""
         self.loop.start()
+        beating = self.loop.submit(self.heartbeat.beat())
         health = self.health = None
         if self.settings.health_port is not None:
             health = self.health = BackgroundServer(
-                create_health_app(self.ready(), self.held_because),
+                create_health_app(self.ready(), self.held_because, self.heartbeat.stalled),
                 self.settings.health_host,
                 self.settings.health_port,
                 "health",
@@ -114,6 +117,7 @@ class RelayService:
             monitor.join(STORE_PING_TIMEOUT_S)
             if health is not None:
                 health.stop()
+            beating.cancel()  # done before the closing below, which runs after it
             self.loop.run(self.vendors.aclose())
             self.loop.run(self.store.close())
             self.loop.stop()

@@ -438,6 +438,12 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(default=30, ge=0)  # SIGTERM: time to finish in-flight work
     health_port: int | None = Field(default=None, ge=0, le=65535)  # /healthz /readyz /metrics
     health_host: str = "0.0.0.0"
+    # /healthz fails once the handler loop has not run for this long. It turns at least
+    # every 0.25 s, and nothing on it may block; a loop silent for 30 s is stuck, not
+    # slow: its claims' leases (30 s by default) lapse, and RabbitMQ drops its connection
+    # after 60 s without heartbeats. With the manifests' probe (3 failures, 10 s apart) a
+    # stuck replica is restarted about a minute after it stopped.
+    liveness_stall_s: float = Field(default=30, gt=0)
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     # A log line of counts (commands done by outcome, in flight, dead-lettered) this

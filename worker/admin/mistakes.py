@@ -68,6 +68,17 @@ def broker_mistake(error: BaseException, url: str) -> UserError | None:
     return None
 
 
+def lost_while_waiting(error: BaseException, url: str, command_id: str) -> UserError:
+    """A connection lost while waiting for a command's result: not a broker to start,
+    since the command was sent and is being (or will be) worked on; said with where to
+    find its result."""
+    return UserError(
+        f"the connection to the broker at {safe_url(url)} was lost while waiting for the "
+        f"result ({_reason(error)}); command {command_id} was sent and may still be running",
+        f"look its result up with: command-relay result {command_id}",
+    )
+
+
 @contextmanager
 def store_errors(url: str) -> Iterator[None]:
     """Raise a UserError for an idempotency store that does not answer inside."""

@@ -15,10 +15,13 @@ from worker.idempotency.store import (
     Conflict,
     IdempotencyStore,
     InProgress,
+    RetryNote,
     StoredRecord,
     claim_key,
     command_ref,
     fingerprint,
+    keep_retry_note,
+    replica_of,
     tenant_scoped,
 )
 from worker.settings import TlsFiles
@@ -33,12 +36,15 @@ __all__ = [
     "Conflict",
     "IdempotencyStore",
     "InProgress",
+    "RetryNote",
     "SqliteStore",
     "StoredRecord",
     "claim_key",
     "command_ref",
     "fingerprint",
+    "keep_retry_note",
     "open_store",
+    "replica_of",
     "tenant_scoped",
 ]
 

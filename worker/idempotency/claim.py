@@ -37,6 +37,8 @@ from worker.idempotency.store import (
     Conflict,
     IdempotencyStore,
     InProgress,
+    RetryNote,
+    keep_retry_note,
 )
 from worker.ops.outage import Outage
 
@@ -95,12 +97,15 @@ class Claim:
         if not self.sent:
             await self._let_go()
 
-    async def release_for_retry(self) -> None:
-        """Give the key up for a retry after a transient failure (the contract retries a
-        mutation whose answer said nothing was done or was lost in transit), never while
-        a 202 is being collected: that answer is collected, never resent."""
+    async def release_for_retry(self, note: RetryNote) -> None:
+        """Give the key up for a delayed retry after a transient failure (the contract
+        retries a mutation whose answer said nothing was done or was lost in transit),
+        never while a 202 is being collected: that answer is collected, never resent.
+        ``note`` (attempts, last error, next try) stays with the key meanwhile, for an
+        operator to see; it is best effort."""
         if self.response_id is None:
             await self._let_go()
+            await keep_retry_note(self.store, self.key, note)
 
     @contextlib.asynccontextmanager
     async def kept_alive(self, lease_s: float) -> AsyncIterator[Claim]:

@@ -2,7 +2,9 @@
 
 One hash per key; the claim is a Lua script so that read-decide-write is one atomic step
 on the server. Keys expire after the retention period (``PEXPIRE``), and so does the key
-of each command id (a string under ``relay:command-id:``), set by the same scripts.
+of each command id (a string under ``relay:command-id:``), set by the same scripts. The
+note of a key waiting for a delayed retry is a string under ``relay:retry-note:``, kept
+for the retention period and deleted with the script that stores the key's result.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from schemas.events import ResultEvent
 from worker.errors import StoreUnavailable
 from worker.idempotency.batch import ScriptBatcher
-from worker.idempotency.store import Claimed, ClaimResult, StoredRecord, _decide
+from worker.idempotency.store import Claimed, ClaimResult, RetryNote, StoredRecord, _decide
 from worker.settings import TlsFiles
 
 # Redis away (refused, reset, loading, timed out): the command is held, not failed.
@@ -28,6 +30,7 @@ TLS_SCHEME = "rediss://"
 
 KEY_PREFIX = "relay:idempotency:"
 COMMAND_ID_PREFIX = "relay:command-id:"  # -> the key the command claimed or completed
+RETRY_NOTE_PREFIX = "relay:retry-note:"  # -> the key's RetryNote, as JSON
 FIELDS = ("fingerprint", "owner", "lease_until", "event", "sent", "response_id")
 
 # Returns {} when the caller took a free key, {'taken', sent, response_id} when it took over
@@ -59,6 +62,7 @@ return {}
 
 # ARGV[4] '1': the command's entry (KEYS[2]) points to this key whatever it held; '0': only
 # if it held nothing (a rejection must not hide the work of the id it names).
+# KEYS[3]: the key's retry note, done with once its result is stored.
 COMPLETE_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], 'event', ARGV[1])
@@ -69,6 +73,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
     redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2], 'NX')
   end
 end
+redis.call('DEL', KEYS[3])
 """
 
 # ARGV: the event id: forget the key's result only while it is that event; 1 when it did.
@@ -159,7 +164,7 @@ class RedisStore:
     ) -> None:
         await self._call(
             self._complete,
-            [KEY_PREFIX + key, COMMAND_ID_PREFIX + command_ref],
+            [KEY_PREFIX + key, COMMAND_ID_PREFIX + command_ref, RETRY_NOTE_PREFIX + key],
             [event.model_dump_json(), self._retention_ms, key, "1" if replace_ref else "0"],
         )
 
@@ -181,14 +186,25 @@ class RedisStore:
         done = await self._call(self._set_if_holder, [KEY_PREFIX + key], fields)
         return bool(done)
 
+    async def note_retry(self, key: str, note: RetryNote) -> None:
+        try:
+            await self._redis.set(RETRY_NOTE_PREFIX + key, note.to_json(),
+                                  px=self._retention_ms)
+        except UNREACHABLE as error:
+            raise StoreUnavailable("idempotency", error) from error
+
     async def find(self, key: str) -> StoredRecord | None:
         try:
-            values = await self._redis.hmget(KEY_PREFIX + key, FIELDS)
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hmget(KEY_PREFIX + key, FIELDS)
+                pipe.get(RETRY_NOTE_PREFIX + key)
+                values, noted = await pipe.execute()
         except UNREACHABLE as error:
             raise StoreUnavailable("idempotency", error) from error
         fields = dict(zip(FIELDS, (_text(v) for v in values), strict=True))
+        retry = RetryNote.from_json(noted)
         if fields["fingerprint"] is None:
-            return None
+            return None if retry is None else StoredRecord.waiting(key, retry)
         event = fields["event"]
         return StoredRecord(
             key=key,
@@ -197,6 +213,7 @@ class RedisStore:
             lease_left_s=float(fields["lease_until"] or 0) - time.time(),
             sent=fields["sent"] == "1",
             response_id=fields["response_id"],
+            retry=retry,
         )
 
     async def key_of(self, command_ref: str) -> str | None:

@@ -16,6 +16,7 @@ from worker.idempotency.store import (
     ClaimResult,
     Conflict,
     Record,
+    RetryNote,
     StoredRecord,
     _decide,
 )
@@ -48,6 +49,11 @@ class SqliteStore:
         db.execute(
             "CREATE TABLE IF NOT EXISTS command_ids (command_id TEXT PRIMARY KEY,"
             " key TEXT NOT NULL, expires_at REAL NOT NULL)"
+        )
+        # The note of a key waiting for a delayed retry (RetryNote, as JSON).
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS retry_notes (key TEXT PRIMARY KEY, note TEXT NOT NULL,"
+            " expires_at REAL NOT NULL)"
         )
         return db
 
@@ -122,6 +128,7 @@ class SqliteStore:
             )
             if cursor.rowcount:
                 self._index(command_ref, key, now, replace_ref)
+            self._db.execute("DELETE FROM retry_notes WHERE key = ?", (key,))  # done waiting
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -161,16 +168,29 @@ class SqliteStore:
         )
         return bool(cursor.rowcount == 1)
 
+    async def note_retry(self, key: str, note: RetryNote) -> None:
+        await self._run(self._note_retry, key, note.to_json(), time.time())
+
+    def _note_retry(self, key: str, note_json: str, now: float) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            # Notes are deleted when their result is stored; those of work never finished
+            # (its message purged) go once expired, so the table holds few rows.
+            self._db.execute("DELETE FROM retry_notes WHERE expires_at <= ?", (now,))
+            self._db.execute(
+                "INSERT OR REPLACE INTO retry_notes VALUES (?, ?, ?)",
+                (key, note_json, now + self._retention_s),
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
     async def find(self, key: str) -> StoredRecord | None:
-        row = await self._run(
-            lambda: self._db.execute(
-                "SELECT fingerprint, owner, lease_until, event, sent, response_id FROM claims"
-                " WHERE key = ? AND expires_at > ?",
-                (key, time.time()),
-            ).fetchone()
-        )
+        row, noted = await self._run(self._find, key, time.time())
+        retry = RetryNote.from_json(noted[0]) if noted else None
         if row is None:
-            return None
+            return None if retry is None else StoredRecord.waiting(key, retry)
         _, owner, lease_until, event, sent, response_id = row
         return StoredRecord(
             key=key,
@@ -179,7 +199,24 @@ class SqliteStore:
             lease_left_s=lease_until - time.time(),
             sent=bool(sent),
             response_id=response_id,
+            retry=retry,
         )
+
+    def _find(self, key: str, now: float) -> tuple[Any, Any]:
+        """The key's claim row and its retry note's, read in one transaction."""
+        self._db.execute("BEGIN")
+        try:
+            row = self._db.execute(
+                "SELECT fingerprint, owner, lease_until, event, sent, response_id FROM claims"
+                " WHERE key = ? AND expires_at > ?",
+                (key, now),
+            ).fetchone()
+            noted = self._db.execute(
+                "SELECT note FROM retry_notes WHERE key = ? AND expires_at > ?", (key, now)
+            ).fetchone()
+        finally:
+            self._db.execute("COMMIT")
+        return row, noted
 
     async def key_of(self, command_ref: str) -> str | None:
         row = await self._run(

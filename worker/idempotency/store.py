@@ -18,6 +18,12 @@ retention period.
 
 Keys and command ids live in their tenant's namespace (:func:`claim_key`,
 :func:`command_ref`): two tenants never collide on a key, nor learn that the other used it.
+
+While the work of a key waits for a delayed retry (its claim released, the command in a
+delay queue), a :class:`RetryNote` is kept with the key (``note_retry``): attempts so far,
+the last error, when the next try is due. :meth:`IdempotencyStore.find` returns it, so an
+operator sees why a command is still running; storing the result forgets it.
+
 Each record is also found by the id of the command that claimed or completed it
 (``claim(..., command_ref=…)`` and ``complete(..., command_ref)``), for as long as the
 record is kept, so an operator can look a result up (``command-relay result ID``).
@@ -31,13 +37,20 @@ This module holds the protocol and the decision both backends make: SQLite
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from dataclasses import dataclass
-from typing import Protocol
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 from schemas.commands import Command
 from schemas.events import ResultEvent
+from worker.errors import RelayError, StoreUnavailable
+
+NOTE_MESSAGE_CHARS = 500  # of the last error's message kept in a retry note
+LATEST_TIME_S = 253402300799.0  # 9999-12-31T23:59:59Z: the last time a datetime holds
 
 
 @dataclass(frozen=True)
@@ -66,15 +79,68 @@ ClaimResult = Claimed | InProgress | Completed | Conflict
 
 
 @dataclass(frozen=True)
+class RetryNote:
+    """Why a key's work is waiting for a delayed retry, and until when: kept with the key
+    for the operator's eyes (``command-relay result``, ``send --wait``), never decisive."""
+
+    attempts: int  # vendor calls made for the key so far, over every delivery
+    error_code: str  # the last error's (the contract's ErrorCode)
+    error_message: str  # the last error's, at most NOTE_MESSAGE_CHARS
+    next_try_at: float  # Unix time the retry is due back from its delay queue
+
+    @classmethod
+    def after(cls, error: RelayError, attempts: int, delay_s: float) -> RetryNote:
+        """The note of a retry scheduled ``delay_s`` from now after ``error``."""
+        return cls(attempts, str(error.code), error.message[:NOTE_MESSAGE_CHARS],
+                   time.time() + delay_s)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes | None) -> RetryNote | None:
+        """The note stored as ``text``; None when there is none, or it is not one (a
+        note is for display: an unreadable one is left out, never an error)."""
+        if text is None:
+            return None
+        try:
+            fields: Any = json.loads(text)
+            note = cls(
+                attempts=int(fields["attempts"]),
+                error_code=str(fields["error_code"]),
+                error_message=str(fields["error_message"])[:NOTE_MESSAGE_CHARS],
+                next_try_at=float(fields["next_try_at"]),
+            )
+        except (ValueError, TypeError, KeyError, OverflowError):
+            return None
+        in_range = math.isfinite(note.next_try_at) and 0 <= note.next_try_at <= LATEST_TIME_S
+        return note if in_range and note.attempts >= 0 else None
+
+
+@dataclass(frozen=True)
 class StoredRecord:
-    """What the store holds for a key: its event once done, else who is working on it."""
+    """What the store holds for a key: its event once done, else who is working on it,
+    or (``holder`` None) that it waits for a delayed retry, with the ``retry`` note."""
 
     key: str
     event: ResultEvent | None  # None: not finished
-    holder: str
-    lease_left_s: float  # 0 or less: the holder's lease ran out (it stopped)
+    holder: str | None  # None: not claimed now (released for a delayed retry)
+    lease_left_s: float  # 0 or less: the holder's lease ran out (it stopped), or no holder
     sent: bool  # the mutation may have reached the vendor
     response_id: str | None  # the vendor's 202 being collected
+    retry: RetryNote | None = None  # the last delayed retry scheduled for it, if any
+
+    @classmethod
+    def waiting(cls, key: str, retry: RetryNote) -> StoredRecord:
+        """A key released for a delayed retry: no claim, only its note."""
+        return cls(key, None, None, 0.0, False, None, retry)
+
+
+def replica_of(holder: str) -> str:
+    """The worker process a claim's holder name belongs to: the name less its last part,
+    which tells that process's claims apart (``Handler._new_holder``)."""
+    replica, separator, _ = holder.rpartition(":")
+    return replica if separator else holder
 
 
 def fingerprint(command: Command) -> str:
@@ -141,8 +207,15 @@ class IdempotencyStore(Protocol):
         False when ``owner`` no longer holds the claim."""
         ...
 
+    async def note_retry(self, key: str, note: RetryNote) -> None:
+        """Keep ``note`` with the key: its work waits for a delayed retry. :meth:`find`
+        returns it until the key's result is stored, or the retention runs out."""
+        ...
+
     async def find(self, key: str) -> StoredRecord | None:
-        """The key's record; None when there is none (never claimed, released, expired)."""
+        """The key's record, with its retry note; a key released for a delayed retry is
+        a record without a holder. None when there is nothing (never claimed, released
+        without a note, expired)."""
         ...
 
     async def key_of(self, command_ref: str) -> str | None:
@@ -158,6 +231,13 @@ class IdempotencyStore(Protocol):
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+async def keep_retry_note(store: IdempotencyStore, key: str, note: RetryNote) -> None:
+    """:meth:`IdempotencyStore.note_retry`, unless the store is away: the note is for an
+    operator's eyes, and the retry goes ahead without it."""
+    with contextlib.suppress(StoreUnavailable):
+        await store.note_retry(key, note)
 
 
 # fingerprint, owner, lease, event, sent, response_id
