@@ -43,7 +43,7 @@ from .test_dlq import put_dead_letter
 # Letters a pair of commands starts with: enough that two passes at once would overlap
 # (a pass on the embedded broker takes about 25 ms a letter, on RabbitMQ a few), few
 # enough to keep the tests short.
-EMBEDDED_LETTERS = 30
+EMBEDDED_LETTERS = 20
 SHOWN = 3  # ids a `dlq show` asks for
 SPAAZA_UPDATE = "spaaza.update_task"
 REPLAYED = re.compile(r"^replayed (\S+) ", re.MULTILINE)
