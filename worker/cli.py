@@ -16,14 +16,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -35,7 +37,7 @@ from worker.admin import UserError
 
 if TYPE_CHECKING:
     from schemas.events import ResultEvent
-    from worker.admin.deadletters import DeadLetter, Selection
+    from worker.admin.deadletters import DeadLetter, Report, Selection
     from worker.client import Reply
     from worker.settings import Settings
 
@@ -370,6 +372,12 @@ OlderThan = Annotated[
 NewerThan = Annotated[
     str | None, typer.Option(help="Only those dead-lettered less than this long ago.")
 ]
+LockTimeout = Annotated[
+    str,
+    typer.Option(help="How long to wait for another dlq command going through the queue "
+                      "(90s, 5m)."),
+]
+LOCK_TIMEOUT = "2m"
 
 
 @dlq_app.command("list")
@@ -380,17 +388,19 @@ def dlq_list(
     older_than: OlderThan = None,
     newer_than: NewerThan = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    lock_timeout: LockTimeout = LOCK_TIMEOUT,
 ) -> None:
     """List the dead letters: id, type, tenant, error code, age and reason.
 
     The queue keeps its messages, in their order: each is read, then put back behind the
-    others, after the broker confirmed its copy.
+    others, after the broker confirmed its copy. One dlq command at a time goes through
+    the queue: the others wait for it.
     """
     from worker.admin.deadletters import as_json as letter_json
 
     settings = _settings("RELAY_BROKER_URL")
     selection = _selection(None, code, tenant, command_type, older_than, newer_than)
-    queue_name, letters, chosen = _read_chosen(settings, selection)
+    queue_name, letters, chosen = _read_chosen(settings, selection, lock_timeout)
     if as_json:
         for letter in chosen:
             typer.echo(json.dumps(letter_json(letter)))
@@ -400,14 +410,15 @@ def dlq_list(
 
 
 @dlq_app.command("show")
-def dlq_show(ids: Ids = None) -> None:
+def dlq_show(ids: Ids = None, lock_timeout: LockTimeout = LOCK_TIMEOUT) -> None:
     """Show dead letters in full: headers, body, and the outcome the store keeps."""
     from worker.admin.deadletters import as_json as letter_json
 
     if not ids:
         raise UserError("say which dead letters to show", "give their ids (see dlq list)")
     settings = _settings("RELAY_BROKER_URL", "RELAY_IDEMPOTENCY_URL")
-    _, _, chosen = _read_chosen(settings, _selection(ids, None, None, None, None, None))
+    selection = _selection(ids, None, None, None, None, None)
+    _, _, chosen = _read_chosen(settings, selection, lock_timeout)
     if not chosen:
         raise UserError(f"no dead letter has the id {', '.join(ids)}", "see dlq list")
     stored = _stored_outcomes(settings, chosen)
@@ -431,16 +442,20 @@ def dlq_replay(
         typer.Option(help="Replay result_lost commands too (the vendor may already have "
                           "acted on them: check there first)."),
     ] = False,
+    lock_timeout: LockTimeout = LOCK_TIMEOUT,
 ) -> None:
     """Send chosen dead letters back to the command queue as new attempts.
 
-    A failed or rejected outcome the idempotency store keeps for the command is released
-    first, so it is tried afresh; a result_lost command is refused unless --force.
+    The failed or rejected outcome the idempotency store keeps for the command is released
+    first, so it is tried afresh. Refused: a letter whose command has another outcome by
+    now (replayed already), and a result_lost command unless --force. Letters
+    dead-lettered after the command began are left alone.
     """
     from worker.admin.deadletters import Replayer, Verdict
     from worker.admin.mistakes import store_errors
     from worker.idempotency import open_store
 
+    began = _invoked_at()
     selection = _selection(ids, code, tenant, command_type, older_than, newer_than)
     if selection.everything and not every:
         raise UserError(
@@ -451,19 +466,18 @@ def dlq_replay(
         settings.idempotency_url, settings.claim_lease_s, settings.idempotency_retention_s,
         settings.tls.redis,
     )
-    now = datetime.now(UTC)
     with (
         store_errors(settings.idempotency_url),
         Replayer(store, force) as replayer,
-        _dead_letters(settings) as queue,
+        _dead_letters(settings, lock_timeout) as queue,
         _progress("replaying") as step,
     ):
         def decide(letter: DeadLetter) -> Verdict:
-            if not selection.matches(letter, now) or not replayer.prepare(letter):
+            if not selection.matches(letter, began) or not replayer.prepare(letter):
                 return Verdict.KEEP
             return Verdict.REPLAY
 
-        report = queue.walk(decide, step)
+        report = queue.walk(decide, step, since=began)
     for letter in report.replayed:
         typer.echo(f"replayed {letter.command_id} ({letter.command_type or '?'}, "
                    f"{letter.error_code or '?'})")
@@ -472,7 +486,7 @@ def dlq_replay(
     for letter, why in replayer.refused:
         typer.echo(f"refused {letter.command_id}: {why}")
     typer.echo(f"{len(report.replayed)} replayed, {len(replayer.refused)} refused, "
-               f"{report.kept} left in {queue.name}", err=True)
+               f"{report.kept} left in {queue.name}{_left_alone(report)}", err=True)
     raise typer.Exit(EXIT_FAILED if replayer.refused else 0)
 
 
@@ -485,41 +499,73 @@ def dlq_purge(
     older_than: OlderThan = None,
     newer_than: NewerThan = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    lock_timeout: LockTimeout = LOCK_TIMEOUT,
 ) -> None:
     """Drop dead letters for good: those chosen, or (without ids or filters) all of them.
 
-    Asks for confirmation first, unless --yes.
+    Asks for confirmation first, unless --yes. Letters dead-lettered after the command
+    began are left alone.
     """
     from worker.admin.deadletters import Verdict
 
+    began = _invoked_at()
     settings = _settings("RELAY_BROKER_URL")
     selection = _selection(ids, code, tenant, command_type, older_than, newer_than)
-    now = datetime.now(UTC)
-    with _dead_letters(settings) as queue:
-        if selection.everything:
+    chosen = _purge_chosen(settings, selection, yes, lock_timeout)
+    if chosen is None:
+        return
+
+    def decide(letter: DeadLetter) -> Verdict:
+        if selection.everything or _identity(letter) in chosen:
+            return Verdict.DROP
+        return Verdict.KEEP
+
+    with _dead_letters(settings, lock_timeout) as queue, _progress("purging") as step:
+        report = queue.walk(decide, step, since=began)
+    typer.echo(f"purged {len(report.dropped)} message(s) from {queue.name}"
+               f"{_left_alone(report)}")
+
+
+def _purge_chosen(
+    settings: Settings, selection: Selection, yes: bool, lock_timeout: str
+) -> set[Identity] | None:
+    """What ``dlq purge`` drops, once the operator said yes: the identities of the letters
+    ``selection`` picks (an empty set: all of them); None when there is nothing to drop.
+    The queue is not held while the operator is asked."""
+    if selection.everything:
+        with _dead_letters(settings, lock_timeout) as queue:
             total = queue.count()
-            if total == 0:
-                typer.echo(f"{queue.name} is empty")
-                return
-            _confirm(f"Drop all {total} message(s) of {queue.name}?", yes)
-            typer.echo(f"purged {queue.purge_all()} message(s) from {queue.name}")
-            return
-        with _progress("reading the dead-letter queue") as step:
-            letters = queue.read(step)
-        chosen = {_identity(letter) for letter in letters if selection.matches(letter, now)}
-        if not chosen:
-            typer.echo(f"no message of {queue.name} matches")
-            return
-        _confirm(f"Drop {len(chosen)} of the {len(letters)} message(s) of {queue.name}?", yes)
+        if total == 0:
+            typer.echo(f"{queue.name} is empty")
+            return None
+        _confirm(f"Drop all {total} message(s) of {queue.name}?", yes)
+        return set()
+    queue_name, letters, picked = _read_chosen(settings, selection, lock_timeout)
+    if not picked:
+        typer.echo(f"no message of {queue_name} matches")
+        return None
+    _confirm(f"Drop {len(picked)} of the {len(letters)} message(s) of {queue_name}?", yes)
+    return {_identity(letter) for letter in picked}
 
-        def decide(letter: DeadLetter) -> Verdict:
-            if _identity(letter) in chosen and selection.matches(letter, now):
-                return Verdict.DROP
-            return Verdict.KEEP
 
-        with _progress("purging") as step:
-            report = queue.walk(decide, step)
-    typer.echo(f"purged {len(report.dropped)} message(s) from {queue.name}")
+def _invoked_at() -> datetime:
+    """When this command was invoked: when its process started (Linux), else now. Not
+    when the dlq function starts: on a loaded host the imports before it may take
+    seconds, in which another command's replay may have failed again already."""
+    try:
+        with open("/proc/self/stat", "rb") as stat:
+            # starttime, field 22, in clock ticks since boot; fields after the name
+            start_ticks = int(stat.read().rsplit(b")", 1)[1].split()[19])
+        age_s = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):  # no /proc: not Linux
+        age_s = 0.0
+    return datetime.now(UTC) - timedelta(seconds=max(age_s, 0.0))
+
+
+def _left_alone(report: Report) -> str:
+    if not report.later:
+        return ""
+    return f" ({report.later} dead-lettered since this command began, left alone)"
 
 
 def _require_free_port(host: str, port: int, setting: str) -> None:
@@ -548,20 +594,34 @@ def _settings(*names: str) -> Settings:
 
 
 @contextmanager
-def _dead_letters(settings: Settings) -> Iterator[Any]:
-    from worker.admin.deadletters import DeadLetterQueue
+def _dead_letters(settings: Settings, lock_timeout: str) -> Iterator[Any]:
+    """The dead-letter queue, connected; a pass through it waits up to ``lock_timeout``
+    for another command's, saying so."""
+    from worker.admin.deadletters import DeadLetterQueue, parse_duration
     from worker.admin.mistakes import broker_errors
 
-    with broker_errors(settings.broker_url), DeadLetterQueue(settings) as queue:
+    wait_s = parse_duration(lock_timeout)
+
+    def say_waiting() -> None:
+        typer.echo(f"waiting for another dlq command to finish with "
+                   f"{settings.dead_letter_queue}… (at most {lock_timeout})", err=True)
+
+    with (
+        broker_errors(settings.broker_url),
+        DeadLetterQueue(settings, wait_s, say_waiting) as queue,
+    ):
         yield queue
 
 
 def _read_chosen(
-    settings: Settings, selection: Selection
+    settings: Settings, selection: Selection, lock_timeout: str
 ) -> tuple[str, list[DeadLetter], list[DeadLetter]]:
     """The queue's name, its dead letters (read in one pass; it keeps them) and those
     ``selection`` picks."""
-    with _dead_letters(settings) as queue, _progress("reading the dead-letter queue") as step:
+    with (
+        _dead_letters(settings, lock_timeout) as queue,
+        _progress("reading the dead-letter queue") as step,
+    ):
         letters = queue.read(step)
     now = datetime.now(UTC)
     return queue.name, letters, [letter for letter in letters if selection.matches(letter, now)]
@@ -608,7 +668,10 @@ def _selection(
     )
 
 
-def _identity(letter: DeadLetter) -> tuple[str, str | None, str, str | None]:
+Identity = tuple[str, str | None, str, str | None]
+
+
+def _identity(letter: DeadLetter) -> Identity:
     """What tells one dead letter from another across two passes."""
     import hashlib
 

@@ -9,12 +9,22 @@ copy, with its headers, goes to the back of the queue, then the original is acke
 replayed (a copy goes to the command queue as a new attempt, then the original is acked),
 or dropped (acked). Every copy is confirmed by the broker before its original is acked,
 so a message is never lost; a crash between the two leaves it twice in the queue, at
-worst. Messages that arrive while the queue is read are left alone.
+worst.
 
-Replaying a message first releases what the idempotency store keeps of its key, when
-that is a ``failed`` or ``rejected`` outcome (otherwise the new attempt would only get
-that outcome again). A ``result_lost`` command is refused unless forced: the vendor may
-already have acted on it.
+Operators may run commands at the same time, with workers dead-lettering meanwhile:
+
+- A pass holds the queue's lock (:mod:`worker.admin.passlock`), so passes never
+  interleave: each message of the queue is seen once per pass.
+- A pass that changes the queue (replay, purge) acts only on letters dead-lettered before
+  its command began; later ones (such as a letter another command replayed, that failed
+  again) are kept as they are. Two replays started together replay each letter once.
+- Replaying a letter releases the outcome the idempotency store keeps for it, the one it
+  was dead-lettered with (its ``x-relay-event-id``), so the new attempt is tried afresh
+  rather than answered with that outcome again. A letter whose key has another outcome
+  by now (it was replayed already, by a pass that stopped before taking it off, or its
+  key ran again) is refused: a second replay would do the work a second time. So is a
+  second copy of a letter within one pass, and a ``result_lost`` command unless forced:
+  the vendor may already have acted on it.
 """
 
 from __future__ import annotations
@@ -23,9 +33,10 @@ import asyncio
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any
 
@@ -35,6 +46,7 @@ from kombu.message import Message
 from schemas.commands import Command
 from schemas.events import ErrorCode, ResultEvent
 from worker.admin import UserError
+from worker.admin.passlock import held, pass_lock
 from worker.broker.connection import connect
 from worker.broker.decoding import decode_message
 from worker.broker.origin import worker_user
@@ -43,12 +55,16 @@ from worker.broker.topology import Topology
 from worker.handler import REJECTION_KEY_PREFIX, rejection_digest  # how a rejection is keyed
 from worker.idempotency import IdempotencyStore, StoredRecord, claim_key
 from worker.results import Rejected, command_fields
-from worker.settings import Settings
+from worker.settings import HEARTBEAT_S, Settings
 
 ERROR_CODE_HEADER = "x-relay-error-code"
 REASON_HEADER = "x-relay-reason"
 ERROR_MESSAGE_HEADER = "x-relay-error-message"
 DEAD_LETTERED_AT_HEADER = "x-relay-dead-lettered-at"
+EVENT_ID_HEADER = "x-relay-event-id"
+BROKER_TIME_RESOLUTION_S = 1.0  # x-death's time is an AMQP timestamp: whole seconds
+CLOCK_SKEW_S = 300.0  # how far ahead of this host's clock a worker's may be
+DEFAULT_LOCK_WAIT_S = 120.0
 COMPRESSION_HEADER = "compression"
 KEPT_COMPRESSION_HEADER = f"x-relay-{COMPRESSION_HEADER}"
 # Headers of the time in the queues, not of the command: a replay starts without them.
@@ -79,6 +95,9 @@ class DeadLetter:
     error_code: str | None
     reason: str  # the error's message, else why it was dead-lettered
     dead_lettered_at: datetime | None
+    # how much later than dead_lettered_at it may have been (a broker's whole seconds)
+    time_resolution_s: float
+    event_id: str | None  # of the outcome it was dead-lettered with (not the broker's)
     message_id: str | None
     headers: dict[str, Any]
     properties: dict[str, Any]
@@ -90,12 +109,29 @@ class DeadLetter:
             return None
         return max((now - self.dead_lettered_at).total_seconds(), 0.0)
 
+    def dead_lettered_since(self, moment: datetime, now: datetime) -> bool:
+        """Whether it may have been dead-lettered at or after ``moment``. One with no time
+        counts as old, and so does one whose time is past ``now`` by more than hosts'
+        clocks differ: a publisher may have written it (a letter the broker dead-lettered
+        keeps the command's headers), and such a letter must not be left alone forever."""
+        when = self.dead_lettered_at
+        if when is None or when > now + timedelta(seconds=CLOCK_SKEW_S):
+            return False
+        return when + timedelta(seconds=self.time_resolution_s) > moment
+
     def store_keys(self) -> list[str]:
         """The idempotency-store keys whose outcome it may have: its work's key, and that
         of its rejection."""
         if isinstance(self.decoded, Rejected):
             return [REJECTION_KEY_PREFIX + self.decoded.digest]
         return [claim_key(self.decoded), REJECTION_KEY_PREFIX + rejection_digest(self.decoded)]
+
+    def outcome_key(self) -> str:
+        """The key its own outcome is stored under: its rejection's when it was rejected,
+        else its work's."""
+        rejected = _text(self.headers.get(REASON_HEADER)) == "rejected"
+        keys = self.store_keys()
+        return keys[-1] if rejected else keys[0]
 
 
 @dataclass(frozen=True)
@@ -146,6 +182,7 @@ class Report:
 
     seen: int = 0
     kept: int = 0
+    later: int = 0  # of those kept: dead-lettered after the command began, left alone
     replayed: list[DeadLetter] = field(default_factory=list)
     dropped: list[DeadLetter] = field(default_factory=list)
     refused: list[tuple[DeadLetter, str]] = field(default_factory=list)  # and why
@@ -155,18 +192,29 @@ Progress = Callable[[int, int], None]  # (messages done, of how many)
 
 
 class DeadLetterQueue:
-    """The dead-letter queue of ``settings``, for one pass at a time."""
+    """The dead-letter queue of ``settings``. Each pass through it holds its lock,
+    waiting up to ``lock_wait_s`` for another command's pass to end (``on_wait`` is
+    called first, once), else :class:`~worker.admin.passlock.QueueBusy`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        lock_wait_s: float = DEFAULT_LOCK_WAIT_S,
+        on_wait: Callable[[], None] = lambda: None,
+    ) -> None:
         self._settings = settings
         self._topology = Topology.from_settings(settings)
+        self._lock_wait_s = lock_wait_s
+        self._on_wait = on_wait
         self._connection: Connection | None = None
         self._own_user: str | None = None  # publishers are checked: copies carry theirs
+        self._locked = False
 
     def __enter__(self) -> DeadLetterQueue:
         # Waits for the broker's confirm of each copy before the original is acked.
+        # Heartbeats: RabbitMQ drops the queue's lock soon after this host goes away.
         self._connection = connect(
-            self._settings.broker_url, heartbeat_s=0, tls=self._settings.tls.broker
+            self._settings.broker_url, heartbeat_s=HEARTBEAT_S, tls=self._settings.tls.broker
         )
         self._connection.connect()
         if self._settings.publisher_binding is not None:
@@ -190,14 +238,21 @@ class DeadLetterQueue:
         finally:
             channel.close()
 
-    def purge_all(self) -> int:
-        """Drop every message now in the queue; how many there were."""
-        channel = self._channel()
-        try:
-            self._topology.dead_letter_queue.bind(channel).declare()
-            return int(channel.queue_purge(self.name) or 0)
-        finally:
-            channel.close()
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the queue's lock inside: no other command goes through the queue
+        meanwhile (a pass holds it already; holding it around several keeps it)."""
+        if self._locked:
+            yield
+            return
+        assert self._connection is not None, "use DeadLetterQueue in a with block"
+        lock = pass_lock(self._connection, self._settings.broker_url, self.name)
+        with held(lock, self.name, self._lock_wait_s, self._on_wait):
+            self._locked = True
+            try:
+                yield
+            finally:
+                self._locked = False
 
     def read(self, progress: Progress | None = None) -> list[DeadLetter]:
         """Every message now in the queue, which is left as it was."""
@@ -211,12 +266,25 @@ class DeadLetterQueue:
         return letters
 
     def walk(
-        self, decide: Callable[[DeadLetter], Verdict], progress: Progress | None = None
+        self,
+        decide: Callable[[DeadLetter], Verdict],
+        progress: Progress | None = None,
+        since: datetime | None = None,
     ) -> Report:
         """Take each message now in the queue, in order, and settle it as ``decide``
-        says."""
+        says; with ``since`` (when the command began), one that may have been
+        dead-lettered since is kept without asking. Holds the queue's lock throughout."""
+        with self.exclusive():
+            return self._walk(decide, progress, since)
+
+    def _walk(
+        self,
+        decide: Callable[[DeadLetter], Verdict],
+        progress: Progress | None,
+        since: datetime | None,
+    ) -> Report:
         report = Report()
-        total = self.count()
+        total = self.count()  # later arrivals and the copies kept go behind these
         channel = self._channel()
         try:
             queue = self._topology.dead_letter_queue.bind(channel)
@@ -226,8 +294,12 @@ class DeadLetterQueue:
                 if message is None:  # taken by someone else meanwhile
                     break
                 letter = self._letter(position, message)
-                verdict = decide(letter)
+                later = since is not None and letter.dead_lettered_since(
+                    since, datetime.now(UTC)
+                )
+                verdict = Verdict.KEEP if later else decide(letter)
                 report.seen += 1
+                report.later += later
                 if verdict is Verdict.KEEP:
                     republish(producer, message, self.name, _kept_headers(message), self._own_user)
                     report.kept += 1
@@ -273,6 +345,7 @@ class DeadLetterQueue:
         rejected = isinstance(decoded, Rejected)
         fields = decoded.fields if isinstance(decoded, Rejected) else command_fields(decoded)
         death = _first_death(headers)
+        stamped = _stamped_at(headers)
         code = _text(headers.get(ERROR_CODE_HEADER))
         reason = (
             _text(headers.get(ERROR_MESSAGE_HEADER))
@@ -289,7 +362,9 @@ class DeadLetterQueue:
             error_code=code or (ErrorCode.DELIVERY_LIMIT.value if death.get("reason") ==
                                 "delivery_limit" else None),
             reason=reason,
-            dead_lettered_at=_dead_lettered_at(headers, death),
+            dead_lettered_at=stamped or _death_time(death),
+            time_resolution_s=0.0 if stamped else BROKER_TIME_RESOLUTION_S,
+            event_id=_text(headers.get(EVENT_ID_HEADER)),
             message_id=message_id if isinstance(message_id, str) else None,
             headers=headers,
             properties=properties,
@@ -300,12 +375,14 @@ class DeadLetterQueue:
 
 class Replayer:
     """Decides, for each dead letter chosen, whether it may be replayed, and releases the
-    stored outcome of its key first (the store's calls run on a loop of its own)."""
+    stored outcome it was dead-lettered with first (the store's calls run on a loop of
+    its own). One Replayer per pass: it remembers the keys the pass replayed."""
 
     def __init__(self, store: IdempotencyStore, force: bool) -> None:
         self._store = store
         self._force = force
         self._runner = asyncio.Runner()
+        self._replayed_keys: set[str] = set()
         self.refused: list[tuple[DeadLetter, str]] = []
         self.released: list[tuple[DeadLetter, str]] = []  # and the key released
 
@@ -321,23 +398,70 @@ class Replayer:
         return [record for record in found if record is not None]
 
     def prepare(self, letter: DeadLetter) -> bool:
-        """Release the letter's stored failure or rejection; False when it must not be
-        replayed (its result is lost and the replay is not forced)."""
+        """Release the outcome the letter was dead-lettered with; False (the reason in
+        :attr:`refused`) when it must not be replayed: a copy of it was replayed by this
+        pass, its key has another outcome by now (it was replayed already, or its key
+        ran again), or its result is lost and the replay is not forced. A key whose
+        outcome the store no longer keeps (its retention ran out) is replayed: should
+        another attempt of it be on its way, the worker runs the key once all the same."""
+        keys = letter.store_keys()
         records = self.records(letter)
-        lost = letter.error_code == ErrorCode.RESULT_LOST or any(
-            _code(record.event) == ErrorCode.RESULT_LOST for record in records
+        refusal = (
+            _copy_replayed(keys, self._replayed_keys)
+            or _superseded(letter, records)
+            or (None if self._force else _lost(letter, records))
         )
-        if lost and not self._force:
-            self.refused.append((letter, "result_lost: the vendor may already have acted; "
-                                 "check there, then replay with --force"))
+        if refusal is not None:
+            self.refused.append((letter, refusal))
             return False
+        self._release(letter, records)
+        self._replayed_keys.update(keys)
+        return True
+
+    def _release(self, letter: DeadLetter, records: list[StoredRecord]) -> None:
+        """Discard its stored failure or rejection: the one it was dead-lettered with
+        (any, for a letter that names none: the broker dead-lettered it)."""
         for record in records:
             event = record.event
             if event is None or event.data.outcome not in RELEASABLE_OUTCOMES:
                 continue
+            if letter.event_id is not None and event.id != letter.event_id:
+                continue  # another command's (an idempotency_key_conflict's key)
+            # False: the store let it go meanwhile (retention): nothing to release.
             if self._runner.run(self._store.discard(record.key, event.id)):
                 self.released.append((letter, record.key))
-        return True
+
+
+def _copy_replayed(keys: list[str], replayed_keys: set[str]) -> str | None:
+    if replayed_keys.isdisjoint(keys):
+        return None
+    return "replayed already: another copy of it was replayed by this command"
+
+
+def _superseded(letter: DeadLetter, records: list[StoredRecord]) -> str | None:
+    """Why the letter is out of date, when its key's stored outcome is no longer the one
+    it was dead-lettered with."""
+    if letter.event_id is None:
+        return None
+    key = letter.outcome_key()
+    current = next((record for record in records if record.key == key), None)
+    if current is None or (current.event is not None and current.event.id == letter.event_id):
+        return None
+    now = (
+        "claimed by another attempt" if current.event is None
+        else f"{current.event.data.outcome} (event {current.event.id})"
+    )
+    return (f"replayed already, or its key ran again: key {key!r} is {now} now, not as it "
+            "was dead-lettered; see dlq show, and purge it when done with it")
+
+
+def _lost(letter: DeadLetter, records: list[StoredRecord]) -> str | None:
+    lost = letter.error_code == ErrorCode.RESULT_LOST or any(
+        _code(record.event) == ErrorCode.RESULT_LOST for record in records
+    )
+    if not lost:
+        return None
+    return "result_lost: the vendor may already have acted; check there, then replay with --force"
 
 
 def _code(event: ResultEvent | None) -> str | None:
@@ -364,10 +488,19 @@ def _first_death(headers: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _dead_lettered_at(headers: dict[str, Any], death: dict[str, Any]) -> datetime | None:
+def _stamped_at(headers: dict[str, Any]) -> datetime | None:
+    """When the worker dead-lettered it (its own header, to the microsecond)."""
     stamp = headers.get(DEAD_LETTERED_AT_HEADER)
     if isinstance(stamp, int | float) and not isinstance(stamp, bool) and math.isfinite(stamp):
-        return datetime.fromtimestamp(stamp, UTC)
+        try:
+            return datetime.fromtimestamp(stamp, UTC)
+        except (OverflowError, OSError, ValueError):  # a time no calendar has
+            return None
+    return None
+
+
+def _death_time(death: dict[str, Any]) -> datetime | None:
+    """When the broker dead-lettered it (x-death's time, in whole seconds)."""
     when = death.get("time")
     if isinstance(when, datetime):
         return when if when.tzinfo else when.replace(tzinfo=UTC)
