@@ -37,6 +37,7 @@ from schemas.events import ErrorCode, ResultEvent
 from worker.admin import UserError
 from worker.broker.connection import connect
 from worker.broker.decoding import decode_message
+from worker.broker.frames import unreadable
 from worker.broker.origin import worker_user
 from worker.broker.publisher import republish
 from worker.broker.topology import Topology
@@ -269,6 +270,7 @@ class DeadLetterQueue:
             content_encoding=f"compressed ({compressed})" if compressed
             else message.content_encoding,
             max_bytes=self._settings.max_message_bytes,
+            unreadable=unreadable(message.properties),
         )
         rejected = isinstance(decoded, Rejected)
         fields = decoded.fields if isinstance(decoded, Rejected) else command_fields(decoded)
