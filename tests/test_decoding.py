@@ -141,3 +141,18 @@ def test_a_time_that_is_not_rfc_3339_is_rejected(field: str, value: object) -> N
     else:
         params["trigger"] = {"once": value}
     assert "RFC 3339" in rejected(json.dumps(command).encode()).error.message
+
+
+def test_a_message_whose_properties_could_not_be_read_is_rejected_for_them() -> None:
+    problem = "the message's AMQP properties could not all be read: header 'x' is …"
+    body = json.dumps({**CANCEL, "id": "c-1"}).encode()
+    decoded = rejected(body, unreadable=problem)
+    assert (decoded.error.code, decoded.error.message) == ("invalid_command", problem)
+    assert decoded.fields["command_id"] == "c-1"  # its event goes to the id in its body
+
+
+def test_the_same_body_with_its_properties_mended_is_another_message() -> None:
+    body = json.dumps(CANCEL).encode()
+    damaged = rejected(body, unreadable="header 'x' …")
+    mended = rejected(body, content_type="application/xml")
+    assert damaged.digest != mended.digest

@@ -49,8 +49,9 @@ from worker.admin import UserError
 from worker.admin.passlock import held, pass_lock
 from worker.broker.connection import connect
 from worker.broker.decoding import decode_message
+from worker.broker.frames import unreadable
 from worker.broker.origin import worker_user
-from worker.broker.publisher import republish
+from worker.broker.publisher import headers_of, republish
 from worker.broker.topology import Topology
 from worker.handler import REJECTION_KEY_PREFIX, rejection_digest  # how a rejection is keyed
 from worker.idempotency import IdempotencyStore, StoredRecord, claim_key
@@ -341,6 +342,7 @@ class DeadLetterQueue:
             content_encoding=f"compressed ({compressed})" if compressed
             else message.content_encoding,
             max_bytes=self._settings.max_message_bytes,
+            unreadable=unreadable(message.properties),
         )
         rejected = isinstance(decoded, Rejected)
         fields = decoded.fields if isinstance(decoded, Rejected) else command_fields(decoded)
@@ -510,7 +512,7 @@ def _death_time(death: dict[str, Any]) -> datetime | None:
 def _kept_headers(message: Message) -> dict[str, Any]:
     """The headers of a message put back in the queue: as they were (the broker's
     delivery count excepted, so its count starts anew)."""
-    headers = _forwardable(message.headers)
+    headers = headers_of(message.headers)
     headers.pop("x-delivery-count", None)
     return headers
 
@@ -520,16 +522,18 @@ def _replay_headers(message: Message) -> dict[str, Any]:
     noted about the earlier ones (the renamed compression header stays: it says what
     the body is)."""
     return {
-        name: value for name, value in _forwardable(message.headers).items()
-        if not name.startswith(BROKER_HEADERS)
-        and not (name.startswith("x-relay-") and name != KEPT_COMPRESSION_HEADER)
+        name: value for name, value in headers_of(message.headers).items()
+        if _of_the_command(name)
     }
 
 
-def _forwardable(headers: Any) -> dict[str, Any]:
-    if not isinstance(headers, dict):
-        return {}
-    return {name: value for name, value in headers.items() if isinstance(name, str)}
+def _of_the_command(name: str | bytes) -> bool:
+    """Whether a header is the command's own, not noted by the queues or the worker (a
+    name that is not UTF-8 is the publisher's)."""
+    if isinstance(name, bytes):
+        return True
+    noted = name.startswith(BROKER_HEADERS) or name.startswith("x-relay-")
+    return not noted or name == KEPT_COMPRESSION_HEADER
 
 
 def _keep_bodies_as_sent(channel: Any) -> None:
@@ -578,18 +582,30 @@ def as_json(letter: DeadLetter) -> dict[str, Any]:
         "position": letter.position,
         "properties": {name: _plain(letter.properties[name]) for name in MESSAGE_PROPERTIES
                        if letter.properties.get(name) is not None},
-        "headers": {k: _plain(v) for k, v in letter.headers.items()},
+        "headers": _plain(letter.headers),
         "body": body,
     }
 
 
 def _plain(value: Any) -> Any:
+    """A header or property value as JSON can hold it, whatever AMQP type it came as:
+    decimals as their exact text, timestamps in ISO 8601, bytes as text (bad bytes as
+    U+FFFD), NaN and infinities as text."""
+    if isinstance(value, dict):
+        return {_plain_name(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "replace")
     if isinstance(value, datetime):
         return value.isoformat()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, str | int | float):
+        return value
+    return str(value)  # Decimal, and anything else: its own exact text
+
+
+def _plain_name(name: Any) -> str:
+    # A name that is not UTF-8 keeps its bytes visible (\xff), apart from any text name.
+    return name.decode("utf-8", "backslashreplace") if isinstance(name, bytes) else str(name)

@@ -9,15 +9,13 @@ no TLS options of its own, and py-amqp checks the name only when it is given
 from __future__ import annotations
 
 import ssl
-import types
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from amqp import serialization
-from amqp.spec import Basic
 from kombu import Connection
 
+from worker.broker import frames
 from worker.errors import certificate_fix, certificate_reason, refused_certificate
 from worker.settings import AMQP_SCHEMES, TlsFiles
 
@@ -115,31 +113,6 @@ def _host(url: str) -> str:
         return "(the host of RELAY_BROKER_URL)"
 
 
-def _lenient_text(raw: bytes) -> str:
-    return raw.decode("utf-8", "replace")
-
-
-def _with_lenient_text(decode: Any) -> Any:
-    """``decode`` with its short strings read leniently: a copy of the function whose
-    global ``pstr_t`` (py-amqp's strict UTF-8 decoding) is replaced, nothing patched."""
-    return types.FunctionType(
-        decode.__code__, {**decode.__globals__, "pstr_t": _lenient_text}, decode.__name__
-    )
-
-
-_strict_properties = serialization.decode_properties_basic
-_lenient_properties = _with_lenient_text(_strict_properties)
-
-
-def _decode_properties(buf: bytes, offset: int) -> Any:
-    """py-amqp raises while reading a frame whose ``message_id`` (or another short string
-    property) is not UTF-8, and that ends the connection of every delivery on it. Such
-    properties are read with U+FFFD in place of the bad bytes instead; the message then
-    reaches the consumer, which rejects or runs it like any other."""
-    try:
-        return _strict_properties(buf, offset)
-    except UnicodeDecodeError:
-        return _lenient_properties(buf, offset)
-
-
-serialization.PROPERTY_CLASSES[Basic.CLASS_ID] = _decode_properties
+# Wherever connections are made, a delivery's properties are read by frames.py: a value
+# py-amqp can not read costs that message its run, never the connection.
+frames.install()

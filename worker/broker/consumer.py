@@ -41,6 +41,7 @@ from schemas.events import ErrorCode, ErrorInfo, ResultEvent
 from worker.broker.confirms import Confirms
 from worker.broker.connection import BrokerCertificateRefused, connect, is_amqp
 from worker.broker.decoding import decode_message, fields_of, preview, usable_text
+from worker.broker.frames import unreadable
 from worker.broker.lanes import Lane, LaneMonitor
 from worker.broker.origin import publisher_of, worker_user
 from worker.broker.publisher import Publisher
@@ -316,6 +317,7 @@ class CommandConsumer:
             content_type=message.content_type,
             content_encoding=_compressed_as(message) or message.content_encoding,
             max_bytes=self._settings.max_message_bytes,
+            unreadable=unreadable(message.properties),  # rejected for it, alone
         )
         self._describe(delivery, decoded)
         info = self._delivery_info(message)

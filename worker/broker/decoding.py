@@ -40,21 +40,36 @@ def decode_message(
     content_type: str | None = None,
     content_encoding: str | None = None,
     max_bytes: int = 256 * 1024,
+    unreadable: str | None = None,
 ) -> Command | Rejected:
-    """The command in a message, or why it is not one (and whom to tell)."""
+    """The command in a message, or why it is not one (and whom to tell).
+
+    ``unreadable``: what of the message's AMQP properties could not be read
+    (``frames.Damage.describe``); such a message is rejected for it, once its envelope
+    and JSON are checked (its event then goes to the id in its body)."""
     message_id = usable_text(message_id)
     raw = body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")
     data: Any = None
     try:
         _check_envelope(raw, content_type, content_encoding, max_bytes)
         data = _parse_json(raw)
+        if unreadable is not None:
+            raise CommandRejected(ErrorCode.INVALID_COMMAND, unreadable)
         command = _validate(data)
     except CommandRejected as error:
         fields = fields_of(data, message_id)
-        digest = hashlib.sha256(fields["command_id"].encode() + b"\0" + raw).hexdigest()
-        return Rejected(error, fields, digest)
+        return Rejected(error, fields, _digest(fields["command_id"], raw, unreadable))
     resolved: Command = command.with_defaults(message_id)
     return resolved
+
+
+def _digest(command_id: str, raw: bytes, unreadable: str | None) -> str:
+    """What tells one rejected message from another: its id and body, and what of its
+    properties could not be read (the same body with them mended is another message)."""
+    parts = [command_id.encode(), raw]
+    if unreadable is not None:
+        parts.append(unreadable.encode("utf-8", "surrogatepass"))
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()
 
 
 def _check_envelope(

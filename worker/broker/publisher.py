@@ -64,7 +64,7 @@ class Publisher:
 
     def dead_letter(self, command: Message, event: ResultEvent | None, reason: str) -> None:
         """Keep the original message, with why it is here, in the dead-letter queue."""
-        headers = _forwardable(command.headers)
+        headers = headers_of(command.headers)
         headers["x-relay-reason"] = reason
         headers["x-relay-dead-lettered-at"] = time.time()  # its age, for `dlq list`
         if event is not None:
@@ -131,21 +131,33 @@ class Publisher:
 def _as_new_message(headers: Any) -> dict[str, Any]:
     """The headers of a command sent on as a new message: the broker counts its
     deliveries anew."""
-    forwarded = _forwardable(headers)
+    forwarded = headers_of(headers)
     forwarded.pop("x-delivery-count", None)
     return forwarded
 
 
-def _forwardable(headers: Any) -> dict[str, Any]:
-    """A message's headers as AMQP can send them again: text keys only (py-amqp hands
-    over keys it could not decode as bytes, and can not encode those)."""
-    if not isinstance(headers, dict):
-        return {}
-    return {
-        key: _forwardable(value) if isinstance(value, dict) else value
-        for key, value in headers.items()
-        if isinstance(key, str)
-    }
+def headers_of(headers: Any) -> dict[Any, Any]:
+    """A copy of a message's headers to change for a copy of it (empty when it has none).
+    Their keys may be bytes: py-amqp hands over a name that is not UTF-8 as it came."""
+    return dict(headers) if isinstance(headers, dict) else {}
+
+
+def _sendable(value: Any) -> Any:
+    """``value`` (headers, or one of their values) as py-amqp can encode it again: byte
+    buffers as bytes, tuples as arrays, names as text or bytes. What py-amqp read off the
+    wire is sendable already (frames.py bounds its size and depth); this keeps it so for
+    whatever else a copy's headers hold."""
+    if isinstance(value, dict):
+        return {_name(key): _sendable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_sendable(item) for item in value]
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    return value
+
+
+def _name(key: Any) -> str | bytes:
+    return key if isinstance(key, str | bytes) else str(key)
 
 
 def republish(
@@ -153,7 +165,8 @@ def republish(
     own_user: str | None,
 ) -> None:
     """``message``'s body and properties, as they came, to ``queue`` with ``headers`` (and
-    its publisher carried over when publishers are checked: ``origin.py``)."""
+    its publisher carried over when publishers are checked: ``origin.py``). Not its
+    ``expiration``: the copy would vanish from the queue that keeps it."""
     properties = message.properties or {}
     origin = carry_publisher(message, headers, own_user)
     body = message.body
@@ -166,13 +179,15 @@ def republish(
         routing_key=queue,
         content_type=message.content_type or "application/octet-stream",
         content_encoding=message.content_encoding or "binary",
-        headers=headers,
+        headers=_sendable(headers),
         delivery_mode=PERSISTENT,
         message_id=properties.get("message_id"),
         correlation_id=properties.get("correlation_id"),
         reply_to=properties.get("reply_to"),
         priority=properties.get("priority"),
         timestamp=properties.get("timestamp"),
+        type=properties.get("type"),
+        app_id=properties.get("app_id"),
         retry=False,
         **origin,
     )
