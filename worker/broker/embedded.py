@@ -102,9 +102,14 @@ class Messages:
 
     def create_queue(self, queue: str) -> None:
         with self._connection() as connection:
-            connection.exec_driver_sql(
-                "INSERT OR IGNORE INTO kombu_queue (name) VALUES (?)", (queue,)
-            )
+            # Looked for first: a declare of a queue that exists (every lane, each time
+            # its backlog is asked for) takes no write lock.
+            if connection.exec_driver_sql(
+                "SELECT 1 FROM kombu_queue WHERE name = ?", (queue,)
+            ).first() is None:
+                connection.exec_driver_sql(
+                    "INSERT OR IGNORE INTO kombu_queue (name) VALUES (?)", (queue,)
+                )
 
     def put(self, queue: str, payload: str) -> None:
         """Store a message at the end of ``queue`` (created if need be)."""
