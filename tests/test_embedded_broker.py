@@ -1,0 +1,239 @@
+"""The embedded broker keeps only what is queued or in flight: messages through its
+transport, and commands through a worker on it, leave no rows behind."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kombu import Connection, Consumer, Producer, Queue
+
+from worker.broker.connection import connect
+from worker.broker.topology import Topology
+from worker.sandbox import SandboxServer
+
+from .harness import embedded, running_relay
+from .lanes import flood_and_quiet
+
+
+def rows(path: Path) -> dict[str, list[int]]:
+    """The visible flag of each stored message, by queue name."""
+    with sqlite3.connect(path) as db:
+        found: dict[str, list[int]] = {}
+        for name, visible in db.execute(
+            "SELECT q.name, m.visible FROM kombu_message m JOIN kombu_queue q"
+            " ON q.id = m.queue_id ORDER BY m.id"
+        ):
+            found.setdefault(name, []).append(visible)
+        return found
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    path = tmp_path / "broker.sqlite3"
+    yield f"sqla+sqlite:///{path}", path
+
+
+@pytest.fixture
+def queue() -> Queue:
+    return Queue(f"test.{uuid.uuid4().hex[:8]}", durable=True)
+
+
+def publish(url: str, queue: Queue, *bodies: str) -> None:
+    with connect(url) as connection:
+        producer = Producer(connection.default_channel)
+        for body in bodies:
+            producer.publish(body, routing_key=queue.name, declare=[queue], retry=True)
+
+
+def take(connection: Connection, queue: Queue, no_ack: bool = False) -> Any:
+    return queue.bind(connection.default_channel).get(no_ack=no_ack)
+
+
+def test_an_acked_message_is_deleted(broker: tuple[str, Path], queue: Queue):
+    url, path = broker
+    publish(url, queue, "one", "two")
+    with connect(url) as connection:
+        take(connection, queue).ack()
+    assert rows(path) == {queue.name: [1]}  # "two", still queued
+
+
+def test_a_rejected_message_is_deleted(broker: tuple[str, Path], queue: Queue):
+    url, path = broker
+    publish(url, queue, "one")
+    with connect(url) as connection:
+        take(connection, queue).reject()
+    assert rows(path) == {}
+
+
+def test_a_message_taken_without_ack_is_deleted(broker: tuple[str, Path], queue: Queue):
+    url, path = broker
+    publish(url, queue, "one")
+    with connect(url) as connection:
+        assert take(connection, queue, no_ack=True).body == b"one"
+    assert rows(path) == {}
+
+
+def test_a_message_consumed_without_ack_is_deleted(broker: tuple[str, Path], queue: Queue):
+    url, path = broker
+    publish(url, queue, "one")
+    received: list[Any] = []
+    with connect(url) as connection, Consumer(
+        connection, [queue], on_message=received.append, no_ack=True
+    ):
+        connection.drain_events(timeout=5)
+    assert [message.body for message in received] == [b"one"]
+    assert rows(path) == {}
+
+
+def test_a_taken_message_stays_in_the_table_until_it_is_settled(
+    broker: tuple[str, Path], queue: Queue
+):
+    url, path = broker
+    publish(url, queue, "one")
+    with connect(url) as connection:
+        message = take(connection, queue)
+        assert rows(path) == {queue.name: [0]}  # in flight: invisible to other consumers
+        message.ack()
+
+
+def test_a_requeued_message_comes_back_first_in_its_queue_and_once(
+    broker: tuple[str, Path], queue: Queue
+):
+    url, path = broker
+    publish(url, queue, "one", "two")
+    with connect(url) as connection:
+        take(connection, queue).requeue()
+        again = take(connection, queue)
+        assert again.body == b"one"
+        assert rows(path) == {queue.name: [0, 1]}
+        again.ack()
+
+
+def test_an_unacked_message_comes_back_once_when_its_connection_closes(
+    broker: tuple[str, Path], queue: Queue
+):
+    url, path = broker
+    publish(url, queue, "one")
+    with connect(url) as connection:
+        assert take(connection, queue).body == b"one"
+    assert rows(path) == {queue.name: [1]}
+    with connect(url) as connection:
+        assert take(connection, queue).body == b"one"
+
+
+def test_a_purge_leaves_messages_in_flight_to_their_consumer(
+    broker: tuple[str, Path], queue: Queue
+):
+    url, path = broker
+    publish(url, queue, "one", "two", "three")
+    with connect(url) as connection:
+        in_flight = take(connection, queue)
+        assert connection.default_channel.queue_purge(queue.name) == 2
+        assert rows(path) == {queue.name: [0]}
+        in_flight.ack()
+    assert rows(path) == {}
+
+
+def test_a_deleted_queue_leaves_no_rows(broker: tuple[str, Path], queue: Queue):
+    url, path = broker
+    publish(url, queue, "one", "two")
+    with connect(url) as connection:
+        queue.bind(connection.default_channel).delete()
+    assert rows(path) == {}
+    with sqlite3.connect(path) as db:
+        names = [name for (name,) in db.execute("SELECT name FROM kombu_queue")]
+    assert queue.name not in names
+
+
+def test_a_message_kombu_s_own_transport_stored_is_delivered_and_deleted(
+    broker: tuple[str, Path], queue: Queue
+):
+    """The file is kombu's: one written by its SQLAlchemy transport (an older worker, a
+    publisher using kombu directly) is read, and cleaned, by the worker's."""
+    url, path = broker
+    with Connection(url) as kombu_s_own:
+        Producer(kombu_s_own.default_channel).publish(
+            "from kombu", routing_key=queue.name, declare=[queue], retry=True
+        )
+    with connect(url) as connection:
+        message = take(connection, queue)
+        assert message.body == b"from kombu"
+        message.ack()
+    assert rows(path) == {}
+
+
+def test_the_consumer_s_many_channels_share_a_few_database_connections(
+    broker: tuple[str, Path]
+):
+    """kombu's transport gave each channel a session that kept a pooled connection: a
+    16th channel waited for one (30 s), then failed. Here 200 consuming channels poll and
+    take through the transport's one pool."""
+    url, path = broker
+    queues = [Queue(f"lane.{number}", durable=True) for number in range(200)]
+    received: list[Any] = []
+    with connect(url) as connection:
+        consumers = [
+            Consumer(connection.channel(), [queue], on_message=received.append)
+            for queue in queues
+        ]
+        for consumer in consumers:
+            consumer.consume()
+        publish(url, queues[-1], "last lane")
+        connection.drain_events(timeout=5)
+        assert [message.body for message in received] == [b"last lane"]
+        received[0].ack()
+    assert rows(path) == {}
+
+
+def test_commands_leave_only_the_dead_letters_in_the_broker_file(
+    sandbox: SandboxServer, data_dir: Path
+):
+    """Commands through the command queue (fylr), through lanes (ESET accounts), replays
+    and rejections: once their events are in and the worker has stopped, the only
+    messages left are the rejected commands kept in the dead-letter queue."""
+    settings = embedded(data_dir, **flood_and_quiet(sandbox))
+    good = [
+        {"type": "fetch-patching", "tenant": tenant, "params": {}} for tenant in ("flood", "quiet")
+    ] * 5 + [
+        {"type": "cancel-task", "tenant": "quiet", "params": {"task_id": 4711 + number}}
+        for number in range(10)
+    ]
+    commands = [{**command, "id": str(uuid.uuid4())} for command in good]
+    replays = [dict(command) for command in commands[:5]]  # the same id again
+    rejected = [
+        {"type": "cancel-task", "id": str(uuid.uuid4()), "params": {"task_id": "x"}}
+        for _ in range(5)
+    ]
+    with running_relay(sandbox, **settings) as relay:
+        for command in commands:
+            relay.send(command)
+        for command in replays + rejected:
+            relay.send(command)
+        outcomes = [event.data.outcome for event in relay.events(len(commands) + 10)]
+        dead_letter_queue = Topology.from_settings(relay.settings).dead_letter_queue.name
+    assert outcomes.count("rejected") == len(rejected)
+    assert outcomes.count("succeeded") == len(commands) + len(replays)
+    assert rows(data_dir / "broker.sqlite3") == {dead_letter_queue: [1] * len(rejected)}
+
+
+@pytest.mark.parametrize("payload", ["not json", "[]", '{"properties": {}}', '{"body": 1}'])
+def test_a_row_kombu_did_not_write_is_deleted_and_the_next_message_delivered(
+    broker: tuple[str, Path], queue: Queue, payload: str
+):
+    """Nothing could ever deliver it: it must neither stop the consumer nor stay."""
+    url, path = broker
+    publish(url, queue, "first")
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE kombu_message SET payload = ?", (payload,))
+    publish(url, queue, "second")
+    with connect(url) as connection:
+        assert take(connection, queue) is None  # the broken one, dropped
+        message = take(connection, queue)
+        assert message.body == b"second"
+        message.ack()
+    assert rows(path) == {}
