@@ -3,7 +3,11 @@ transport, and commands through a worker on it, leave no rows behind."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +16,10 @@ from typing import Any
 import pytest
 from kombu import Connection, Consumer, Producer, Queue
 
+from worker.broker import embedded as embedded_broker
 from worker.broker.connection import connect
+from worker.broker.embedded_owners import DIRECTORY_SUFFIX as OWNERS_DIRECTORY_SUFFIX
+from worker.broker.embedded_owners import TRACKED as owners_tracked
 from worker.broker.topology import Topology
 from worker.sandbox import SandboxServer
 
@@ -237,3 +244,93 @@ def test_a_row_kombu_did_not_write_is_deleted_and_the_next_message_delivered(
         assert message.body == b"second"
         message.ack()
     assert rows(path) == {}
+
+
+TAKE_AND_WAIT = """
+import sys, time
+from kombu import Queue
+from worker.broker import embedded as embedded_broker
+from worker.broker.connection import connect
+from worker.broker.embedded_owners import DIRECTORY_SUFFIX as OWNERS_DIRECTORY_SUFFIX
+from worker.broker.embedded_owners import TRACKED as owners_tracked
+url, queue, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+connection = connect(url)
+channel = connection.default_channel
+taken = [Queue(queue, durable=True).bind(channel).get() for _ in range(count)]
+print(" ".join(message.body.decode() for message in taken), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def killed_taker(broker: tuple[str, Path], queue: Queue) -> Iterator[Any]:
+    """Runs a process that takes ``count`` messages of ``queue`` without settling them,
+    and SIGKILLs it; returns what it had taken."""
+    url, _ = broker
+    processes: list[subprocess.Popen[str]] = []
+
+    def take_then_die(count: int) -> list[str]:
+        repository = Path(__file__).resolve().parents[1]
+        process = subprocess.Popen(
+            [sys.executable, "-c", TAKE_AND_WAIT, url, queue.name, str(count)],
+            cwd=repository, env={**os.environ, "PYTHONPATH": str(repository)},
+            stdout=subprocess.PIPE, text=True,
+        )
+        processes.append(process)
+        assert process.stdout is not None
+        taken = process.stdout.readline().split()
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        return taken
+
+    yield take_then_die
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+@pytest.mark.skipif(not owners_tracked, reason="no fcntl: a killed process keeps its messages")
+def test_messages_a_killed_process_had_taken_come_back_first_when_the_next_connects(
+    broker: tuple[str, Path], queue: Queue, killed_taker: Any
+):
+    url, path = broker
+    publish(url, queue, "one", "two", "three")
+    assert killed_taker(2) == ["one", "two"]
+    assert rows(path) == {queue.name: [0, 0, 1]}
+    with connect(url) as connection:
+        messages = [take(connection, queue) for _ in range(3)]
+        assert [message.body for message in messages] == [b"one", b"two", b"three"]
+        for message in messages:
+            message.ack()
+    assert rows(path) == {}
+    # Neither the killed process's lock file nor the last connection's is left behind.
+    assert not list(path.with_name(path.name + OWNERS_DIRECTORY_SUFFIX).glob("*.lock"))
+
+
+@pytest.mark.skipif(not owners_tracked, reason="no fcntl: a killed process keeps its messages")
+def test_a_polling_consumer_gets_the_messages_of_a_process_killed_meanwhile(
+    broker: tuple[str, Path], queue: Queue, killed_taker: Any, monkeypatch: pytest.MonkeyPatch
+):
+    """Another replica, consuming all along, looks for them as it polls (here on every
+    poll rather than every half minute)."""
+    url, _ = broker
+    monkeypatch.setattr(embedded_broker, "RECOVER_EVERY_S", 0.0)
+    publish(url, queue, "one")
+    received: list[Any] = []
+    with connect(url) as connection, Consumer(connection, [queue], on_message=received.append):
+        assert killed_taker(1) == ["one"]
+        connection.drain_events(timeout=10)
+        assert [message.body for message in received] == [b"one"]
+        received[0].ack()
+
+
+def test_messages_a_live_connection_took_are_left_to_it(broker: tuple[str, Path], queue: Queue):
+    url, path = broker
+    publish(url, queue, "one")
+    with connect(url) as holder:
+        message = take(holder, queue)
+        with connect(url) as other:
+            assert take(other, queue) is None
+        assert rows(path) == {queue.name: [0]}
+        message.ack()

@@ -30,9 +30,13 @@ other) and changes how they are used:
 
 Durability: a message is deleted only when acked or rejected by the connection that
 took it; while the process runs, an unacked message goes back to its queue when its
-channel closes (a lost connection, a shutdown). A process killed (SIGKILL, a crash)
-leaves the messages it had taken invisible, as kombu's transport does: they are not
-delivered again.
+channel closes (a lost connection, a shutdown). A message taken is marked with its
+connection (the column ``relay_owner``, added to kombu's table), which holds a lock for
+as long as it lives (``worker/broker/embedded_owners.py``); the messages of a
+connection that is gone without settling them (a process killed, SIGKILL included) are
+made visible again by the next connection to the file, when it connects and every
+:data:`RECOVER_EVERY_S` while it polls. (kombu's transport never delivered those
+again; a message it took, or one taken where ``fcntl`` is missing, still is not.)
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import logging
 import time
 from collections.abc import Iterator
 from json import dumps, loads
+from pathlib import Path
 from queue import Empty
 from typing import Any
 
@@ -50,6 +55,8 @@ from kombu.transport import sqlalchemy as kombu_sqlalchemy
 from kombu.transport.sqlalchemy.models import metadata
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.pool import QueuePool
+
+from worker.broker.embedded_owners import Owners
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +69,8 @@ RELEASE_EVERY_S = 10.0  # how often the free pages are counted (while polling)
 RELEASE_PAGES = 1024  # free pages given back per release, at most (4 MiB)
 MAX_WAL_BYTES = 16 * 1024 * 1024  # the write-ahead log is cut back to this after a checkpoint
 READY_INDEX = "ix_relay_message_ready"
+OWNER_COLUMN = "relay_owner"  # which connection took a message (worker/broker/embedded_owners.py)
+RECOVER_EVERY_S = 30.0  # how often messages of connections that are gone are looked for
 URL_PREFIX = "sqla+"  # kombu's name for its SQLAlchemy transport, before the engine's URL
 
 
@@ -81,6 +90,9 @@ class Messages:
 
     def __init__(self, url: str) -> None:
         self._engine = _engine(url)
+        database = self._engine.url.database
+        self._owners = Owners.of(Path(database) if database else None)
+        self._me = None if self._owners is None else self._owners.me
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[Connection]:
@@ -125,7 +137,9 @@ class Messages:
 
     def take(self, queue: str, keep: bool = True) -> tuple[int, str] | None:
         """The first visible message of ``queue`` (its row id and payload), now invisible
-        (``keep``) or deleted; None when there is none."""
+        and this connection's (``keep``) or deleted; None when there is none."""
+        if keep and self._owners is not None:
+            self._owners.hold()  # before the first message is ours
         with self._transaction() as connection:
             row = connection.exec_driver_sql(
                 "SELECT id, payload FROM kombu_message WHERE queue_id ="
@@ -135,12 +149,14 @@ class Messages:
             ).first()
             if row is None:
                 return None
-            # Kept: marked with the time it was taken (the column kombu sets on taking).
-            connection.exec_driver_sql(
-                "UPDATE kombu_message SET visible = 0, timestamp = CURRENT_TIMESTAMP"
-                " WHERE id = ?" if keep else "DELETE FROM kombu_message WHERE id = ?",
-                (row[0],),
-            )
+            if keep:  # with its taker, and the time taken (the column kombu sets then)
+                connection.exec_driver_sql(
+                    "UPDATE kombu_message SET visible = 0, timestamp = CURRENT_TIMESTAMP,"
+                    f" {OWNER_COLUMN} = ? WHERE id = ?",
+                    (self._me, row[0]),
+                )
+            else:
+                connection.exec_driver_sql("DELETE FROM kombu_message WHERE id = ?", (row[0],))
         return int(row[0]), str(row[1])
 
     def delete(self, row_id: int) -> None:
@@ -151,8 +167,34 @@ class Messages:
         """Make a taken message visible again, at its place in its queue."""
         with self._connection() as connection:
             connection.exec_driver_sql(
-                "UPDATE kombu_message SET visible = 1, timestamp = NULL WHERE id = ?", (row_id,)
+                f"UPDATE kombu_message SET visible = 1, timestamp = NULL, {OWNER_COLUMN} = NULL"
+                " WHERE id = ?",
+                (row_id,),
             )
+
+    def recover(self) -> None:
+        """Make visible again the messages taken by connections that are gone (a killed
+        process) without settling them."""
+        if self._owners is None:
+            return
+        with self._connection() as connection:
+            known = {
+                str(owner) for (owner,) in connection.exec_driver_sql(
+                    f"SELECT DISTINCT {OWNER_COLUMN} FROM kombu_message"
+                    f" WHERE visible = 0 AND {OWNER_COLUMN} IS NOT NULL"
+                )
+            }
+            for owner in self._owners.gone(known):
+                restored = connection.exec_driver_sql(
+                    f"UPDATE kombu_message SET visible = 1, timestamp = NULL, {OWNER_COLUMN} ="
+                    f" NULL WHERE {OWNER_COLUMN} = ? AND visible = 0",
+                    (owner,),
+                ).rowcount
+                if restored:
+                    log.warning(
+                        "%d messages taken by a connection that ended without settling them"
+                        " (a process killed) are back in their queues", restored,
+                    )
 
     def ready(self) -> set[str]:
         """The queues that have a visible message (one index lookup per queue)."""
@@ -208,6 +250,9 @@ class Messages:
                 )
 
     def close(self) -> None:
+        """After the channels closed: what they had taken is settled or back."""
+        if self._owners is not None:
+            self._owners.release()
         self._engine.dispose()
 
 
@@ -224,9 +269,14 @@ def _engine(url: str) -> Engine:
     event.listen(engine, "connect", _configure)
     metadata.create_all(engine)  # kombu's tables (registered by its channel class)
     with engine.connect() as connection:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")  # one process adds the column
+        columns = {row[1] for row in connection.exec_driver_sql("PRAGMA table_info(kombu_message)")}
+        if OWNER_COLUMN not in columns:  # kombu's transport reads and writes around it
+            connection.exec_driver_sql(f"ALTER TABLE kombu_message ADD COLUMN {OWNER_COLUMN} TEXT")
         connection.exec_driver_sql(
             f"CREATE INDEX IF NOT EXISTS {READY_INDEX} ON kombu_message (queue_id, visible, id)"
         )
+        connection.exec_driver_sql("COMMIT")
     return engine
 
 
@@ -371,11 +421,13 @@ class EmbeddedTransport(kombu_sqlalchemy.Transport):  # type: ignore[misc]
         self.taken: dict[str, int] = {}  # delivery tag -> row, of messages not settled
         self.ready: set[str] = set()  # consumed queues the last look found a message in
         self._release_due_at = 0.0
+        self._recover_due_at = time.monotonic() + RECOVER_EVERY_S  # done when connecting
 
     @property
     def messages(self) -> Messages:
         if self._messages is None:
             self._messages = Messages(self.client.hostname)
+            self._messages.recover()
         return self._messages
 
     def drain_events(self, connection: Any, timeout: float | None = None) -> None:
@@ -398,7 +450,7 @@ class EmbeddedTransport(kombu_sqlalchemy.Transport):  # type: ignore[misc]
             if look:
                 consumed = self._consumed()
                 self.ready = consumed & self.messages.ready() if consumed else set()
-                self._release_free_pages()
+                self._look_after_the_file()
             if self.ready:
                 with contextlib.suppress(Empty):
                     self.cycle.get(self._deliver)
@@ -408,8 +460,12 @@ class EmbeddedTransport(kombu_sqlalchemy.Transport):  # type: ignore[misc]
     def _consumed(self) -> set[str]:
         return {queue for channel in self.channels for queue in channel._active_queues}
 
-    def _release_free_pages(self) -> None:
+    def _look_after_the_file(self) -> None:
+        """Now and then while polling: messages of connections gone, free pages."""
         now = time.monotonic()
+        if now >= self._recover_due_at:
+            self._recover_due_at = now + RECOVER_EVERY_S
+            self.messages.recover()
         if now >= self._release_due_at:
             self._release_due_at = now + RELEASE_EVERY_S
             self.messages.release_free_pages()
