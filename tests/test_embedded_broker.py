@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -334,3 +335,27 @@ def test_messages_a_live_connection_took_are_left_to_it(broker: tuple[str, Path]
             assert take(other, queue) is None
         assert rows(path) == {queue.name: [0]}
         message.ack()
+
+
+def test_connections_starting_together_on_a_new_file_all_declare_their_queues(tmp_path: Path):
+    """A worker and its client (the demo) start on a file that does not exist yet: each
+    lays out kombu's tables, and none fails for the other having done it meanwhile."""
+    errors: list[BaseException] = []
+
+    def declare(url: str, start: threading.Barrier) -> None:
+        try:
+            with connect(url) as connection:
+                start.wait(10)
+                Queue("shared", durable=True).bind(connection.default_channel).declare()
+        except BaseException as error:
+            errors.append(error)
+
+    for attempt in range(10):
+        url = f"sqla+sqlite:///{tmp_path / f'broker-{attempt}.sqlite3'}"
+        start = threading.Barrier(4)
+        threads = [threading.Thread(target=declare, args=(url, start)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert errors == []

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Iterator
 from json import dumps, loads
@@ -68,6 +69,8 @@ POOL_OVERFLOW = 4
 RELEASE_EVERY_S = 10.0  # how often the free pages are counted (while polling)
 RELEASE_PAGES = 1024  # free pages given back per release, at most (4 MiB)
 MAX_WAL_BYTES = 16 * 1024 * 1024  # the write-ahead log is cut back to this after a checkpoint
+WAL_SWITCH_WAIT_S = 5.0  # as long as a statement waits for a lock (pysqlite's default)
+WAL_SWITCH_RETRY_S = 0.01
 READY_INDEX = "ix_relay_message_ready"
 OWNER_COLUMN = "relay_owner"  # which connection took a message (worker/broker/embedded_owners.py)
 RECOVER_EVERY_S = 30.0  # how often messages of connections that are gone are looked for
@@ -99,18 +102,8 @@ class Messages:
         with self._engine.connect() as connection:
             yield connection
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[Connection]:
-        """A write transaction, taking the file's write lock at once (as kombu does) so
-        that it never fails half-way for a lock another writer took meanwhile."""
-        with self._connection() as connection:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
-            try:
-                yield connection
-            except BaseException:
-                connection.exec_driver_sql("ROLLBACK")
-                raise
-            connection.exec_driver_sql("COMMIT")
+    def _transaction(self) -> contextlib.AbstractContextManager[Connection]:
+        return _transaction(self._engine)
 
     def create_queue(self, queue: str) -> None:
         with self._connection() as connection:
@@ -267,27 +260,57 @@ def _engine(url: str) -> Engine:
         max_overflow=POOL_OVERFLOW,
     )
     event.listen(engine, "connect", _configure)
-    metadata.create_all(engine)  # kombu's tables (registered by its channel class)
-    with engine.connect() as connection:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")  # one process adds the column
+    # In one write transaction: connections starting together on a new file would each
+    # find no table, and each create it.
+    with _transaction(engine) as connection:
+        metadata.create_all(connection)  # kombu's tables (registered by its channel class)
         columns = {row[1] for row in connection.exec_driver_sql("PRAGMA table_info(kombu_message)")}
         if OWNER_COLUMN not in columns:  # kombu's transport reads and writes around it
             connection.exec_driver_sql(f"ALTER TABLE kombu_message ADD COLUMN {OWNER_COLUMN} TEXT")
         connection.exec_driver_sql(
             f"CREATE INDEX IF NOT EXISTS {READY_INDEX} ON kombu_message (queue_id, visible, id)"
         )
-        connection.exec_driver_sql("COMMIT")
     return engine
+
+
+@contextlib.contextmanager
+def _transaction(engine: Engine) -> Iterator[Connection]:
+    """A write transaction, taking the file's write lock at once (as kombu does) so that
+    it never fails half-way for a lock another writer took meanwhile."""
+    with engine.connect() as connection:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        try:
+            yield connection
+        except BaseException:
+            connection.exec_driver_sql("ROLLBACK")
+            raise
+        connection.exec_driver_sql("COMMIT")
 
 
 def _configure(dbapi_connection: Any, _record: Any) -> None:
     # Before the first table of a new file; nothing for a file made before.
     dbapi_connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
-    dbapi_connection.execute("PRAGMA journal_mode=WAL")
+    _use_write_ahead_log(dbapi_connection)
     dbapi_connection.execute(f"PRAGMA journal_size_limit={MAX_WAL_BYTES}")
     # Every commit synced (kombu's default with its rollback journal): a message whose
     # publish returned is on the disk.
     dbapi_connection.execute("PRAGMA synchronous=FULL")
+
+
+def _use_write_ahead_log(dbapi_connection: Any) -> None:
+    """Switch the file to its write-ahead log (once: the file keeps it). The switch needs
+    the file to itself and does not wait for it, so while another connection writes (two
+    processes starting on a new file) it is tried again, for a while; past that the file
+    keeps its rollback journal, kombu's default, until a later connection switches it."""
+    give_up_at = time.monotonic() + WAL_SWITCH_WAIT_S
+    while True:
+        try:
+            mode = dbapi_connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.OperationalError:  # locked
+            mode = None
+        if mode == "wal" or time.monotonic() >= give_up_at:
+            return
+        time.sleep(WAL_SWITCH_RETRY_S)
 
 
 class EmbeddedChannel(kombu_sqlalchemy.Channel):  # type: ignore[misc]
