@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from worker.admin.config import check
+from worker.broker.embedded import EmbeddedTransport
 from worker.sandbox import SandboxServer
+from worker.sandbox.worker_setup import sandbox_settings
 
 from .harness import embedded, running_relay
 from .lanes import tenant_with_own_eset
@@ -44,3 +47,19 @@ def test_a_hundred_lanes_each_run_a_command_on_one_connection(
                     if record.name == "worker.broker.consumer"]
     assert consumer_log.count("consuming") == 1, consumer_log
     assert not [line for line in consumer_log if "reconnect" in line or "lost" in line]
+
+
+def test_more_lanes_than_the_embedded_broker_has_channels_is_refused_at_start_up(
+    sandbox: SandboxServer, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The one limit left (kombu's 65,535 channel ids per connection) is named, with its
+    value, by ``check``, whose errors ``run`` refuses to start with; here a transport of
+    3 channels meets 3 lanes."""
+    monkeypatch.setattr(EmbeddedTransport, "channel_max", 3)
+    config, url = sandbox.state.config, sandbox.base_url
+    tenants = {name: tenant_with_own_eset(url, config, name) for name in ("a", "b", "c")}
+    settings = sandbox_settings(url, config, **embedded(data_dir, tenants=tenants))
+    (problem,) = [problem for problem in check(settings, environ={})
+                  if problem.level == "error"]
+    assert problem.name == "RELAY_TENANTS"
+    assert "3 lanes" in problem.problem and "the embedded broker has 3" in problem.problem
