@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from kombu import Connection, Consumer, Producer, Queue
 
 from worker.broker import embedded as embedded_broker
@@ -359,3 +361,35 @@ def test_connections_starting_together_on_a_new_file_all_declare_their_queues(tm
         for thread in threads:
             thread.join(30)
     assert errors == []
+
+
+LONE_SURROGATES = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    body=st.binary(max_size=2048),
+    header=st.text(st.characters() | LONE_SURROGATES, max_size=200),
+    settle=st.sampled_from(["ack", "reject", "requeue then ack"]),
+)
+def test_any_message_comes_out_as_it_went_in_and_leaves_no_row(
+    broker: tuple[str, Path], body: bytes, header: str, settle: str
+):
+    url, path = broker
+    queue = Queue(f"fuzz.{uuid.uuid4().hex[:8]}", durable=True)
+    with connect(url) as connection:
+        Producer(connection.default_channel).publish(
+            body, routing_key=queue.name, declare=[queue], headers={"x-any": header},
+            content_type="application/octet-stream", content_encoding="binary",
+        )
+        message = take(connection, queue)
+        assert (message.body, message.headers["x-any"]) == (body, header)
+        if settle == "reject":
+            message.reject()
+        else:
+            if settle == "requeue then ack":
+                message.requeue()
+                message = take(connection, queue)
+            message.ack()
+    assert queue.name not in rows(path)
