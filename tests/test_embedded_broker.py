@@ -3,6 +3,7 @@ transport, and commands through a worker on it, leave no rows behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -393,3 +394,36 @@ def test_any_message_comes_out_as_it_went_in_and_leaves_no_row(
                 message = take(connection, queue)
             message.ack()
     assert queue.name not in rows(path)
+
+
+BURST = 500
+
+
+def test_a_burst_s_pages_go_back_to_the_file_system_while_the_consumer_polls(
+    broker: tuple[str, Path], queue: Queue, monkeypatch: pytest.MonkeyPatch
+):
+    """Here on every poll rather than every ten seconds."""
+    monkeypatch.setattr(embedded_broker, "RELEASE_EVERY_S", 0.0)
+    url, path = broker
+    publish(url, queue, *["x" * 8000] * BURST)
+    burst_bytes = file_bytes(path)
+    received: list[Any] = []
+    with connect(url) as connection, Consumer(
+        connection, [queue], on_message=lambda message: (message.ack(), received.append(1))
+    ), contextlib.suppress(TimeoutError):
+        while True:
+            connection.drain_events(timeout=1)
+    assert (len(received), rows(path)) == (BURST, {})
+    print(f"\nbroker file bytes after a burst of {BURST} messages: {burst_bytes}, once they "
+          f"were consumed: {file_bytes(path)}")
+    assert file_bytes(path) < burst_bytes / 4
+
+
+def file_bytes(path: Path) -> int:
+    """The file's size once its write-ahead log is written back into it."""
+    db = sqlite3.connect(path)
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
+    return path.stat().st_size

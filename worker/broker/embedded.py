@@ -69,7 +69,8 @@ POOL_OVERFLOW = 4
 RELEASE_EVERY_S = 10.0  # how often the free pages are counted (while polling)
 RELEASE_PAGES = 1024  # free pages given back per release, at most (4 MiB)
 MAX_WAL_BYTES = 16 * 1024 * 1024  # the write-ahead log is cut back to this after a checkpoint
-WAL_SWITCH_WAIT_S = 5.0  # as long as a statement waits for a lock (pysqlite's default)
+BUSY_TIMEOUT_MS = 5000  # how long a statement waits for another writer (pysqlite's default)
+WAL_SWITCH_WAIT_S = BUSY_TIMEOUT_MS / 1000  # as long as a statement waits
 WAL_SWITCH_RETRY_S = 0.01
 READY_INDEX = "ix_relay_message_ready"
 OWNER_COLUMN = "relay_owner"  # which connection took a message (worker/broker/embedded_owners.py)
@@ -236,11 +237,19 @@ class Messages:
         with self._connection() as connection:
             free = connection.exec_driver_sql("PRAGMA freelist_count").scalar() or 0
             total = connection.exec_driver_sql("PRAGMA page_count").scalar() or 0
-            if free * 2 > total:
+            if free * 2 <= total:
+                return
+            driver = connection.connection.driver_connection
+            assert driver is not None  # a connection checked out has its driver's
+            # Never waiting for another writer (this runs while polling): a later try will.
+            driver.execute("PRAGMA busy_timeout=0")
+            try:
                 # As a script: one step of the pragma frees one page.
-                connection.connection.driver_connection.executescript(  # type: ignore[union-attr]
-                    f"PRAGMA incremental_vacuum({RELEASE_PAGES});"
-                )
+                driver.executescript(f"PRAGMA incremental_vacuum({RELEASE_PAGES});")
+            except sqlite3.OperationalError:
+                log.debug("free pages not given back this time", exc_info=True)
+            finally:
+                driver.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     def close(self) -> None:
         """After the channels closed: what they had taken is settled or back."""
@@ -255,6 +264,7 @@ def _engine(url: str) -> Engine:
     engine = create_engine(
         url,
         isolation_level="AUTOCOMMIT",
+        connect_args={"timeout": BUSY_TIMEOUT_MS / 1000},
         poolclass=QueuePool,
         pool_size=POOL_SIZE,
         max_overflow=POOL_OVERFLOW,
