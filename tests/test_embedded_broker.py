@@ -4,6 +4,7 @@ transport, and commands through a worker on it, leave no rows behind."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sqlite3
@@ -385,7 +386,9 @@ def test_any_message_comes_out_as_it_went_in_and_leaves_no_row(
             content_type="application/octet-stream", content_encoding="binary",
         )
         message = take(connection, queue)
-        assert (message.body, message.headers["x-any"]) == (body, header)
+        # Headers go through JSON (kombu's), which reads a surrogate pair as the
+        # character it encodes.
+        assert (message.body, message.headers["x-any"]) == (body, json.loads(json.dumps(header)))
         if settle == "reject":
             message.reject()
         else:
