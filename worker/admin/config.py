@@ -26,6 +26,8 @@ from pydantic_settings import SettingsError
 
 from schemas.commands import TENANT_PATTERN
 from worker.admin import UserError
+from worker.broker.embedded import EmbeddedTransport
+from worker.broker.lanes import lanes_from
 from worker.idempotency import REDIS_SCHEMES, SQLITE_SCHEME
 from worker.secret_files import SettingsFileError, file_variable_target
 from worker.settings import AMQP_SCHEMES, APP_NAME, Settings
@@ -218,6 +220,7 @@ def check(settings: Settings, environ: Mapping[str, str] | None = None) -> list[
         *tenant_problems(settings),
         *publisher_problems(settings),
         *_queue_problems(settings),
+        *lane_problems(settings),
     ]
     return _ordered(problems)
 
@@ -437,6 +440,26 @@ def _queue_problems(settings: Settings) -> list[Problem]:
             "queue", "remove the empty prefix",
         ))
     return problems
+
+
+def lane_problems(settings: Settings) -> list[Problem]:
+    """The consumer opens a channel for the command queue and one per lane, on one
+    connection: the embedded broker has kombu's channel ids, no more."""
+    if settings.uses_rabbitmq:
+        return []
+    try:
+        lanes = len(lanes_from(settings, {}))
+    except ValueError:  # a rate limit that is not one: rate_limit_problems says so
+        return []
+    channels = EmbeddedTransport.channel_max
+    if lanes + 1 <= channels:
+        return []
+    return [Problem(
+        "error", "RELAY_TENANTS", f"{lanes} lanes (one per tenant account of a rate-limited "
+        f"vendor) and the command queue need {lanes + 1} channels on one connection; the "
+        f"embedded broker has {channels}",
+        f"run at most {channels - 1} such accounts per worker, or use RabbitMQ",
+    )]
 
 
 def _server_url_problems(name: str, url: str, example: str) -> list[Problem]:

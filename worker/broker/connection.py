@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from kombu import Connection
 
 from worker.broker import frames
+from worker.broker.embedded import embedded_connection
 from worker.errors import certificate_fix, certificate_reason, refused_certificate
 from worker.settings import AMQP_SCHEMES, TlsFiles
 
@@ -47,8 +48,9 @@ def connect(
     off, and without them a published event can vanish silently), unless
     ``wait_for_confirms`` is off because the caller tracks confirms itself. ``amqps://``
     verifies the broker's certificate and name (:func:`tls_options`, with the CA and
-    client certificate of ``tls``: ``Settings.tls.broker``). The embedded broker polls its
-    SQLite file; ``poll_interval_s`` bounds how late it notices a new message.
+    client certificate of ``tls``: ``Settings.tls.broker``). The embedded broker
+    (``worker/broker/embedded.py``) polls its SQLite file; ``poll_interval_s`` bounds how
+    late it notices a new message.
     """
     if is_amqp(url):
         options = {"confirm_publish": wait_for_confirms}
@@ -59,11 +61,7 @@ def connect(
     path = embedded_path(url)
     if path is not None:  # SQLite creates the file, not the directory it goes in
         path.parent.mkdir(parents=True, exist_ok=True)
-    connection = Connection(url)
-    # The SQLAlchemy transport hands its transport options to create_engine, so the
-    # polling interval is set on the transport itself.
-    connection.transport.polling_interval = poll_interval_s
-    return connection
+    return embedded_connection(url, poll_interval_s)
 
 
 def tls_options(url: str, tls: TlsFiles | None) -> dict[str, Any] | None:

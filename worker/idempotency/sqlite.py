@@ -1,10 +1,23 @@
-"""The SQLite backend of the idempotency store: one host, the default."""
+"""The SQLite backend of the idempotency store: one host, the default.
+
+Expired rows are deleted on the store's own thread, during the calls it serves: at most
+:data:`PURGE_BATCH` rows of each table per call, once every :data:`PURGE_EVERY_S`, and on
+every call while a batch comes back full (a backlog is worked off a batch per call, so no
+call waits long for it). The freed pages are reused by new rows, so under a steady load
+the file stays at the size of what the retention keeps. A file this store creates uses
+incremental auto-vacuum: when more than half of its pages are free (after a burst), up
+to :data:`RELEASE_PAGES` of them are given back to the file system per purge. (A file
+from before keeps ``auto_vacuum=NONE``, which only a ``VACUUM`` changes; it reuses its
+free pages but does not shrink.)
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,21 +34,38 @@ from worker.idempotency.store import (
     _decide,
 )
 
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 30_000  # how long a call waits for another process's write lock
+PURGE_EVERY_S = 1.0  # how often expired rows are looked for (when the store is used)
+PURGE_BATCH = 1000  # rows of one table deleted by one call, at most
+RELEASE_PAGES = 1024  # free pages (4 MiB) given back to the file system per purge, at most
+MAX_WAL_BYTES = 16 * 1024 * 1024  # the write-ahead log is cut back to this after a checkpoint
+
 
 class SqliteStore:
-    """SQLite in WAL mode, used from one thread so calls never share a connection."""
+    """SQLite in WAL mode, used from one thread so calls never share a connection.
+    ``clock`` (Unix seconds) decides what has expired; tests pass a fake one."""
 
-    def __init__(self, path: Path, lease_s: float, retention_s: float) -> None:
+    def __init__(
+        self, path: Path, lease_s: float, retention_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lease_s = lease_s
         self._retention_s = retention_s
+        self._clock = clock
+        self._purge_due_at = 0.0  # on the first call
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idempotency")
         self._db = self._executor.submit(self._connect, path).result()
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
-        db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        # Takes effect in a new file only (before its first table); see the module's docstring.
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA journal_size_limit={MAX_WAL_BYTES}")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute(
             "CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,"
@@ -55,13 +85,70 @@ class SqliteStore:
             "CREATE TABLE IF NOT EXISTS retry_notes (key TEXT PRIMARY KEY, note TEXT NOT NULL,"
             " expires_at REAL NOT NULL)"
         )
+        # What the purge looks for, without reading the whole table.
+        db.execute("CREATE INDEX IF NOT EXISTS claims_expiry ON claims (expires_at)")
+        db.execute("CREATE INDEX IF NOT EXISTS command_ids_expiry ON command_ids (expires_at)")
+        db.execute("CREATE INDEX IF NOT EXISTS retry_notes_expiry ON retry_notes (expires_at)")
         return db
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._purging_before, fn, *args
+            )
         except sqlite3.OperationalError as error:  # locked past the timeout, disk away
             raise StoreUnavailable("idempotency", error) from error
+
+    def _purging_before(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``, after a purge of expired rows when one is due (on this thread,
+        so the purge shares the store's one connection)."""
+        now = self._clock()
+        if now >= self._purge_due_at:
+            self._purge_due_at = now + PURGE_EVERY_S
+            try:
+                if self._purge(now):
+                    self._purge_due_at = now  # more to delete: again on the next call
+            except sqlite3.OperationalError:  # another process writes: the next purge will
+                log.debug("expired rows not purged this time", exc_info=True)
+        return fn(*args)
+
+    def _purge(self, now: float) -> bool:
+        """Delete a batch of expired rows from each table; True when more may be left.
+
+        A claim whose lease is live is kept even past its retention: its holder is still
+        at work and will store its outcome in it (``claim`` already ignores it). It never
+        waits for another process's write lock: the call it comes before would wait too."""
+        self._db.execute("PRAGMA busy_timeout=0")
+        try:
+            return self._purge_batch(now)
+        finally:
+            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+
+    def _purge_batch(self, now: float) -> bool:
+        claims = self._db.execute(
+            "DELETE FROM claims WHERE rowid IN (SELECT rowid FROM claims WHERE expires_at <= ?"
+            " AND (event IS NOT NULL OR lease_until <= ?) LIMIT ?)",
+            (now, now, PURGE_BATCH),
+        ).rowcount
+        command_ids, notes = (
+            self._db.execute(
+                f"DELETE FROM {table} WHERE rowid IN"
+                f" (SELECT rowid FROM {table} WHERE expires_at <= ? LIMIT ?)",
+                (now, PURGE_BATCH),
+            ).rowcount
+            for table in ("command_ids", "retry_notes")
+        )
+        self._release_free_pages()
+        return max(claims, command_ids, notes) == PURGE_BATCH
+
+    def _release_free_pages(self) -> None:
+        """Give free pages back to the file system once they are more than half the file
+        (a burst is over); fewer are kept for the rows to come."""
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        total = self._db.execute("PRAGMA page_count").fetchone()[0]
+        if free * 2 > total:
+            # As a script: one execute() runs the pragma one step, which frees one page.
+            self._db.executescript(f"PRAGMA incremental_vacuum({RELEASE_PAGES});")
 
     async def claim(
         self, key: str, fingerprint: str, owner: str, command_ref: str | None = None
@@ -72,7 +159,7 @@ class SqliteStore:
     def _claim(
         self, key: str, fingerprint: str, owner: str, command_ref: str | None
     ) -> ClaimResult:
-        now = time.time()
+        now = self._clock()
         self._db.execute("BEGIN IMMEDIATE")  # other processes on this file wait here
         try:
             row = self._db.execute(
@@ -119,7 +206,7 @@ class SqliteStore:
 
     def _complete(self, key: str, event_json: str, command_ref: str, replace_ref: bool) -> None:
         # Stored whoever holds the lease now: the work is done and its answer is the truth.
-        now = time.time()
+        now = self._clock()
         self._db.execute("BEGIN IMMEDIATE")
         try:
             cursor = self._db.execute(
@@ -145,7 +232,7 @@ class SqliteStore:
         await self._run(
             lambda: self._db.execute(
                 "UPDATE claims SET lease_until = ? WHERE key = ? AND owner = ? AND event IS NULL",
-                (time.time() + self._lease_s, key, owner),
+                (self._clock() + self._lease_s, key, owner),
             )
         )
 
@@ -169,25 +256,18 @@ class SqliteStore:
         return bool(cursor.rowcount == 1)
 
     async def note_retry(self, key: str, note: RetryNote) -> None:
-        await self._run(self._note_retry, key, note.to_json(), time.time())
+        await self._run(self._note_retry, key, note.to_json(), self._clock())
 
     def _note_retry(self, key: str, note_json: str, now: float) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            # Notes are deleted when their result is stored; those of work never finished
-            # (its message purged) go once expired, so the table holds few rows.
-            self._db.execute("DELETE FROM retry_notes WHERE expires_at <= ?", (now,))
-            self._db.execute(
-                "INSERT OR REPLACE INTO retry_notes VALUES (?, ?, ?)",
-                (key, note_json, now + self._retention_s),
-            )
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+        # Notes are deleted when their result is stored; those of work never finished
+        # (its message purged) are purged once expired, like the other rows.
+        self._db.execute(
+            "INSERT OR REPLACE INTO retry_notes VALUES (?, ?, ?)",
+            (key, note_json, now + self._retention_s),
+        )
 
     async def find(self, key: str) -> StoredRecord | None:
-        row, noted = await self._run(self._find, key, time.time())
+        row, noted = await self._run(self._find, key, self._clock())
         retry = RetryNote.from_json(noted[0]) if noted else None
         if row is None:
             return None if retry is None else StoredRecord.waiting(key, retry)
@@ -196,7 +276,7 @@ class SqliteStore:
             key=key,
             event=ResultEvent.model_validate_json(event) if event is not None else None,
             holder=owner,
-            lease_left_s=lease_until - time.time(),
+            lease_left_s=lease_until - self._clock(),
             sent=bool(sent),
             response_id=response_id,
             retry=retry,
@@ -222,7 +302,7 @@ class SqliteStore:
         row = await self._run(
             lambda: self._db.execute(
                 "SELECT key FROM command_ids WHERE command_id = ? AND expires_at > ?",
-                (command_ref, time.time()),
+                (command_ref, self._clock()),
             ).fetchone()
         )
         return None if row is None else str(row[0])
