@@ -55,8 +55,9 @@ class RawChannel:
     async def end(self, *, abortive: bool) -> None:
         """Close the connection after what was written: with FIN, or with RST if `abortive`.
 
-        Returns once the server has seen the connection lost, so that uvicorn drops the
-        ASGI response of the request instead of sending it after these bytes.
+        Returns once the server has seen the connection lost: uvicorn then marks the
+        request's cycle disconnected and does not try to send its ASGI response (a write
+        on the closed transport would be dropped anyway).
         """
         await self.drained()
         if abortive and not self.lost:
