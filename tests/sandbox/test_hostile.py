@@ -547,6 +547,12 @@ def test_bad_token_html_is_a_login_page(sandbox: SandboxServer) -> None:
     assert received.body.startswith(b"<html>")
 
 
+def test_bad_token_takes_its_status(sandbox: SandboxServer) -> None:
+    script(sandbox, BadToken(shape="html", status=503))
+
+    assert exchange(sandbox, fylr_token_request()).status == 503
+
+
 def test_bad_token_is_built_on_a_real_grant(sandbox: SandboxServer, client: httpx.Client) -> None:
     """The token before the appended characters is live: the grant was issued."""
     script(sandbox, BadToken(shape="crlf-token"))
