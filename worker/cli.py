@@ -345,12 +345,49 @@ def check(
 def sandbox(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8900,
+    hostile: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--hostile", metavar="PROFILE|JSON|FILE",
+            help="Serve hostile faults: a profile (see --list-hostile; it answers every "
+                 "call it matches), or a fault as JSON, e.g. '{\"kind\": \"drip\", "
+                 "\"part\": \"head\", \"interval_s\": 1, \"times\": null}' (a list of "
+                 "them, or a file of either). Repeatable; the first that matches a call "
+                 "answers it.",
+        ),
+    ] = None,
+    list_hostile: Annotated[
+        bool,
+        typer.Option("--list-hostile", help="Print the hostile profiles and their JSON, "
+                                            "and exit."),
+    ] = False,
 ) -> None:
-    """Serve the vendor sandbox (ESET, fylr and Spaaza emulators) in the foreground."""
-    from worker.sandbox import SandboxConfig, serve
+    """Serve the vendor sandbox (ESET, fylr and Spaaza emulators) in the foreground.
 
+    With --hostile, calls get answers no well-behaved vendor sends (redirects, bad
+    response-ids, drips, resets, odd bodies, echoed credentials, bad tokens, bad
+    Retry-After, huge headers); PUT /_sandbox/faults replaces them while it runs.
+    """
+    from worker.sandbox import Faults, SandboxConfig, serve
+    from worker.sandbox.profiles import PROFILES, describe, hostile_script
+
+    if list_hostile:
+        for name, profile in PROFILES.items():
+            typer.echo(f"{name}: {profile.description}")
+            for fault in profile.faults:
+                typer.echo(f"  {describe(fault)}")
+        return
+    try:
+        script = hostile_script(hostile or [])
+    except ValueError as error:
+        raise UserError(
+            f"--hostile: {error}",
+            "name a profile (command-relay sandbox --list-hostile), or give a fault as JSON",
+        ) from error
     _require_free_port(host, port, "--port")
-    serve(host, port, SandboxConfig())
+    for entry in script:
+        typer.echo(f"hostile: {describe(entry)}", err=True)
+    serve(host, port, SandboxConfig(), Faults(script=script))
 
 
 # The dead-letter queue's commands share their filters.

@@ -25,13 +25,19 @@ def uvicorn_config(app: Any, **overrides: Any) -> uvicorn.Config:
 
 
 class BackgroundServer:
-    """``port=0`` binds a free port, known as soon as :meth:`start` returns."""
+    """``port=0`` binds a free port, known as soon as :meth:`start` returns.
 
-    def __init__(self, app: Any, host: str, port: int, name: str) -> None:
+    ``config`` holds uvicorn settings that differ from :func:`uvicorn_config`'s.
+    """
+
+    def __init__(
+        self, app: Any, host: str, port: int, name: str, config: dict[str, Any] | None = None
+    ) -> None:
         self.app = app
         self.host = host
         self.port = port
         self.name = name
+        self._config = config or {}
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -46,7 +52,7 @@ class BackgroundServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
-        self._server = uvicorn.Server(uvicorn_config(self.app))
+        self._server = uvicorn.Server(uvicorn_config(self.app, **self._config))
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [sock]}, name=self.name, daemon=True
         )

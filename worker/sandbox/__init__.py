@@ -11,6 +11,12 @@ Tests and demos point the worker at it instead of the real vendors. One app serv
         sandbox.state.faults = Faults(script=[ScriptedFault(202)])
         ...  # point clients at sandbox.base_url
         sandbox.state.stats()["effects"]
+
+Faults: `faults.py` (status faults, random rates, latency) and `hostile.py` (answers no
+well-behaved vendor sends: redirects, bad response-ids, drips, resets, odd bodies, echoed
+requests, bad tokens, bad Retry-After, huge headers), written on the connection as raw
+bytes (`wire.py`, `connections.py`); named sets of them in `profiles.py`
+(`command-relay sandbox --hostile`).
 """
 
 from worker.sandbox.app import create_app

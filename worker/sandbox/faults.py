@@ -1,9 +1,24 @@
 """Fault switches a test or demo flips at runtime, and the draw of one call's fault."""
 
+import dataclasses
 from random import Random
+from typing import Annotated, Any
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator
 from pydantic.dataclasses import dataclass
+
+from worker.sandbox.hostile import (
+    BadRetryAfter,
+    BadToken,
+    Drip,
+    Echo,
+    HostileFault,
+    HugeHeaders,
+    OddBody,
+    PendingId,
+    Redirect,
+    Reset,
+)
 
 PENDING = 202
 _SERVER_ERRORS = (500, 502, 503)
@@ -38,15 +53,42 @@ class ScriptedFault:
         return self.path_contains is None or self.path_contains in path
 
 
+def _entry_kind(entry: Any) -> str:
+    """A script entry's tag: its `kind` (hostile faults), else `status` (a ScriptedFault)."""
+    kind = entry.get("kind") if isinstance(entry, dict) else getattr(entry, "kind", None)
+    return kind if isinstance(kind, str) else "status"
+
+
+# One planned answer: a status (no `kind`), or a hostile fault named by its `kind`.
+ScriptEntry = Annotated[
+    Annotated[ScriptedFault, Tag("status")]
+    | Annotated[Redirect, Tag("redirect")]
+    | Annotated[PendingId, Tag("pending-id")]
+    | Annotated[Drip, Tag("drip")]
+    | Annotated[Reset, Tag("reset")]
+    | Annotated[OddBody, Tag("odd-body")]
+    | Annotated[Echo, Tag("echo")]
+    | Annotated[BadToken, Tag("bad-token")]
+    | Annotated[BadRetryAfter, Tag("bad-retry-after")]
+    | Annotated[HugeHeaders, Tag("huge-headers")],
+    Discriminator(_entry_kind),
+]
+
+
 @dataclass(config=ConfigDict(extra="forbid", validate_assignment=True))
 class Faults:
-    """Switches read on every vendor API call (token calls are never faulted)."""
+    """Switches read on every vendor API call, and the script of planned answers.
+
+    Status faults (`ScriptedFault`) and the random draws never touch token calls; hostile
+    faults (`worker.sandbox.hostile`) answer the calls their `route` names, token calls
+    included, and are matched first, before the call is authenticated or rate-limited.
+    """
 
     latency_ms: float = Field(default=0, ge=0)
     accepted_first_rate: float = Field(default=0, ge=0, le=1)
     throttle_rate: float = Field(default=0, ge=0, le=1)
     error_rate: float = Field(default=0, ge=0, le=1)
-    script: list[ScriptedFault] = Field(default_factory=list)
+    script: list[ScriptEntry] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -66,7 +108,9 @@ def pick_fault(
     throttle, server error, pending (202 only where `pending_allowed`).
     """
     for index, scripted in enumerate(faults.script):
-        if scripted.matches(path, pending_allowed=pending_allowed):
+        if isinstance(scripted, ScriptedFault) and scripted.matches(
+            path, pending_allowed=pending_allowed
+        ):
             del faults.script[index]
             return Drawn(scripted.status, scripted.answer_lost)
     if faults.throttle_rate and rng.random() < faults.throttle_rate:
@@ -75,4 +119,20 @@ def pick_fault(
         return Drawn(rng.choice(_SERVER_ERRORS))
     if pending_allowed and faults.accepted_first_rate and rng.random() < faults.accepted_first_rate:
         return Drawn(PENDING)
+    return None
+
+
+def pick_hostile(faults: Faults, route: str, path: str) -> HostileFault | None:
+    """The first hostile fault of the script that answers a call of `route` on `path`, or
+    None; one of its `times` is used up (the fault leaves the script with the last)."""
+    for index, scripted in enumerate(faults.script):
+        if isinstance(scripted, ScriptedFault) or not scripted.matches(route, path):
+            continue
+        if scripted.times is None:
+            return scripted
+        if scripted.times == 1:
+            del faults.script[index]
+        else:
+            faults.script[index] = dataclasses.replace(scripted, times=scripted.times - 1)
+        return scripted
     return None

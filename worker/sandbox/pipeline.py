@@ -7,10 +7,12 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from worker.sandbox.answers import Answer, Vendor, to_response, vendor_error
+from worker.sandbox.hostile import Call, HostileFault
 from worker.sandbox.state import SandboxState
+from worker.sandbox.wire import send_wire
 
 Produce = Callable[[Request], Awaitable[Answer]]
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -21,14 +23,39 @@ Operation = Callable[[Mapping[str, str], bytes], Answer]
 def endpoint(
     state: SandboxState, route: str, produce: Produce, *, with_request_id: bool
 ) -> Endpoint:
-    """A Starlette endpoint answering with `produce` and counting the call as `route`."""
+    """A Starlette endpoint answering with `produce` and counting the call as `route`, or
+    with the hostile fault scripted for it."""
 
     async def answer(request: Request) -> Response:
+        fault = state.pick_hostile(route, request.scope["path"])
+        if fault is not None:
+            return await _serve_hostile(state, route, fault, request, produce)
         result = await produce(request)
         state.record(route, result.status)
         return to_response(result, with_request_id=with_request_id)
 
     return answer
+
+
+async def _serve_hostile(
+    state: SandboxState, route: str, fault: HostileFault, request: Request, produce: Produce
+) -> Response:
+    """Write `fault`'s bytes on the request's connection, and close it.
+
+    The response returned afterwards is never sent: uvicorn drops it, the connection being
+    gone (see `connections`).
+    """
+    channel = state.connections.channel_for(request.scope.get("client"))
+    if channel is None:
+        return PlainTextResponse("Hostile faults are served by the sandbox's own server.", 501)
+    answer = await produce(request) if fault.carries_out else None
+    scope = request.scope
+    query = scope["query_string"]
+    target = scope["raw_path"] + (b"?" + query if query else b"")
+    call = Call(route, request.method, target, tuple(request.headers.raw), await request.body())
+    state.record_hostile(route, fault.kind)
+    await send_wire(channel, fault.wire(call, answer))
+    return Response(status_code=204)
 
 
 async def gate(state: SandboxState, vendor: Vendor, request: Request) -> Answer | None:

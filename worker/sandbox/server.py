@@ -1,14 +1,22 @@
 """Running the sandbox: in a background thread for tests, or in the foreground for a CLI."""
 
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import uvicorn
 
 from worker.ops.http_server import BackgroundServer, uvicorn_config
 from worker.sandbox.app import create_app
 from worker.sandbox.config import SandboxConfig
+from worker.sandbox.connections import takeover_protocol
+from worker.sandbox.faults import Faults
 from worker.sandbox.state import SandboxState
+
+
+def _server_settings(state: SandboxState) -> dict[str, Any]:
+    """uvicorn settings of a sandbox: connections a hostile fault can take over, found by
+    the socket's peer address (never by a forwarded-for header)."""
+    return {"http": takeover_protocol(state.connections), "proxy_headers": False}
 
 
 class SandboxServer:
@@ -23,7 +31,10 @@ class SandboxServer:
     ) -> None:
         self.config = config if config is not None else SandboxConfig()
         self.state = SandboxState(self.config)
-        self._server = BackgroundServer(create_app(self.config, self.state), host, port, "sandbox")
+        self._server = BackgroundServer(
+            create_app(self.config, self.state), host, port, "sandbox",
+            _server_settings(self.state),
+        )
 
     @property
     def host(self) -> str:
@@ -58,7 +69,16 @@ class SandboxServer:
         self.stop()
 
 
-def serve(host: str = "127.0.0.1", port: int = 8900, config: SandboxConfig | None = None) -> None:
-    """Serve the sandbox in the foreground until interrupted (Ctrl-C)."""
-    app = create_app(config if config is not None else SandboxConfig())
-    uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level="info")).run()
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8900,
+    config: SandboxConfig | None = None,
+    faults: Faults | None = None,
+) -> None:
+    """Serve the sandbox in the foreground until interrupted (Ctrl-C), with `faults` on."""
+    config = config if config is not None else SandboxConfig()
+    state = SandboxState(config)
+    if faults is not None:
+        state.faults = faults
+    settings = {"host": host, "port": port, "log_level": "info", **_server_settings(state)}
+    uvicorn.Server(uvicorn_config(create_app(config, state), **settings)).run()

@@ -12,7 +12,9 @@ from typing import Any
 
 from worker.sandbox.answers import Answer, Vendor
 from worker.sandbox.config import SandboxConfig
-from worker.sandbox.faults import Drawn, Faults, pick_fault
+from worker.sandbox.connections import Connections
+from worker.sandbox.faults import Drawn, Faults, pick_fault, pick_hostile
+from worker.sandbox.hostile import HostileFault
 from worker.sandbox.pending import Collected, PendingCache, RequestKey
 from worker.sandbox.ratelimit import SlidingWindowLimiter
 from worker.sandbox.resources import CancelOutcome, FylrTasks, SpaazaTasks
@@ -24,10 +26,13 @@ _BEARER = "bearer "
 
 
 class SandboxState:
-    """Tokens, rate windows, ESET's 202 cache, vendor objects, counters and faults."""
+    """Tokens, rate windows, ESET's 202 cache, vendor objects, counters and faults, and the
+    server's connections (which hostile faults are written on)."""
 
     def __init__(self, config: SandboxConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        # Touched only on the server's event loop (no lock); a reset keeps them.
+        self.connections = Connections()
         self._clock = clock
         self._lock = threading.Lock()
         self._rng = random.Random(config.random_seed)
@@ -73,9 +78,10 @@ class SandboxState:
             self._tokens.revoke_access()
 
     def stats(self) -> dict[str, Any]:
-        """calls, statuses and effects per route, collects and throttled counts, and
-        `max_calls_in_window`: per vendor and account, the most calls that arrived
-        (admitted or refused with 429) within any sliding second."""
+        """calls, statuses and effects per route, hostile faults served per route and kind,
+        collects and throttled counts, and `max_calls_in_window`: per vendor and account,
+        the most calls that arrived (admitted or refused with 429) within any sliding
+        second."""
         with self._lock:
             peaks: dict[str, dict[str, int]] = {
                 vendor: limiter.peaks() for vendor, limiter in self._limiters.items()
@@ -88,6 +94,11 @@ class SandboxState:
         """Count one answered call of `route`."""
         with self._lock:
             self._counters.record(route, status)
+
+    def record_hostile(self, route: str, kind: str) -> None:
+        """Count one call of `route` answered by a hostile fault of `kind`."""
+        with self._lock:
+            self._counters.hostile(route, kind)
 
     def apply_effect(self, route: str, keys: Iterable[str]) -> None:
         """Count one application of `route`'s effect on each resource in `keys`."""
@@ -125,6 +136,11 @@ class SandboxState:
         """The fault this call must answer, or None (consumes scripted faults)."""
         with self._lock:
             return pick_fault(self._faults, path, self._rng, pending_allowed=pending_allowed)
+
+    def pick_hostile(self, route: str, path: str) -> HostileFault | None:
+        """The hostile fault answering this call, or None (uses up one of its `times`)."""
+        with self._lock:
+            return pick_hostile(self._faults, route, path)
 
     @property
     def pending_answers_in_time(self) -> bool:

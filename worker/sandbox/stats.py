@@ -6,12 +6,14 @@ from typing import Any
 
 
 class Counters:
-    """Calls, statuses, applied effects, collects and 429s; not thread-safe."""
+    """Calls, statuses, applied effects, collects, 429s and hostile faults served; not
+    thread-safe."""
 
     def __init__(self) -> None:
         self._calls: Counter[str] = Counter()
         self._statuses: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self._effects: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        self._hostile: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self._collects = 0
         self._throttled = 0
 
@@ -21,6 +23,12 @@ class Counters:
         self._statuses[route][str(status)] += 1
         if status == 429:
             self._throttled += 1
+
+    def hostile(self, route: str, kind: str) -> None:
+        """One call of `route` answered by a hostile fault of `kind` (no status recorded:
+        what reached the client may not have had one)."""
+        self._calls[route] += 1
+        self._hostile[route][kind] += 1
 
     def effect(self, route: str, keys: Iterable[str]) -> None:
         """The effect of `route` was applied once to each resource in `keys`."""
@@ -43,6 +51,7 @@ class Counters:
             "calls": dict(self._calls),
             "statuses": {route: dict(counts) for route, counts in self._statuses.items()},
             "effects": {route: dict(counts) for route, counts in self._effects.items()},
+            "hostile": {route: dict(counts) for route, counts in self._hostile.items()},
             "collects": self._collects,
             "throttled": self._throttled,
             "max_calls_in_window": {
