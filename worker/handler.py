@@ -91,7 +91,8 @@ class Handler:
             holder = self._new_holder()
             claim = await self._held_through_outage(
                 partial(self._store.claim, command.key, fingerprint(command), holder,
-                        command.command_id)
+                        command.command_id),
+                nothing_held=True,
             )
             match claim:
                 case Completed(event=stored):
@@ -129,7 +130,7 @@ class Handler:
         while True:
             holder = self._new_holder()
             claim = await self._held_through_outage(
-                partial(self._store.claim, key, digest, holder)
+                partial(self._store.claim, key, digest, holder), nothing_held=True
             )
             match claim:
                 case Completed(event=stored):
@@ -140,10 +141,15 @@ class Handler:
                     await self._complete(key, holder, event)
                     return Settlement.for_event(event)
 
-    async def _held_through_outage(self, call: Callable[[], Awaitable[T]]) -> T:
+    async def _held_through_outage(
+        self, call: Callable[[], Awaitable[T]], nothing_held: bool = False
+    ) -> T:
         """A store call, held through an outage for as long as a delivery may work; then
-        StoreUnavailable, and the command goes back to the queue."""
-        return await self._outage.held(call, self._timings.command_timeout_s)
+        StoreUnavailable, and the command goes back to the queue. ``nothing_held`` (taking
+        a claim): not held once this replica gives back the work it has not started."""
+        return await self._outage.held(
+            call, self._timings.command_timeout_s, nothing_held=nothing_held
+        )
 
     def _new_holder(self) -> str:
         """A name for one claim. Per claim, not per process: a delivery still running on
