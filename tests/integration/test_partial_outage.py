@@ -240,6 +240,31 @@ def test_work_already_started_is_held_through_the_outage_not_given_back(
     assert traced.outcomes() == ["succeeded"]
 
 
+def test_deliveries_are_taken_again_while_started_work_still_holds_its_own(
+    sandbox: SandboxServer, store: Store, broker_url: str
+):
+    """A command mid-call when the store goes; another given back meanwhile and taken
+    again once the store answers, while the first still holds its delivery: both done
+    once, on the one connection (the first delivery is never returned and replayed)."""
+    sandbox.state.faults.latency_ms = 4000
+    traced = Traced()
+    with relay_cut_off(sandbox, store, broker_url, traced, concurrency=2) as relay:
+        slow = cancel_task(51)
+        relay.send(slow)
+        assert until(lambda: store.field(slow["idempotency_key"], "sent") == "1")
+        store.cut()
+        relay.send(cancel_task(52))
+        assert until(lambda: traced.outcomes() == ["given_back"])
+        store.restore()  # the slow call is still on its way
+        events = relay.events(2, timeout_s=WAIT_S)
+        assert until(lambda: len(traced.outcomes()) == 3)
+    assert sorted(traced.outcomes()) == ["given_back", "succeeded", "succeeded"]
+    assert {(event.data.outcome, event.data.replayed) for event in events} == {
+        ("succeeded", False)
+    }
+    assert sandbox.state.stats()["effects"]["fylr.cancel"] == {"51": 1, "52": 1}
+
+
 # --- RabbitMQ: the delivery limit ---------------------------------------------------------
 
 

@@ -3,22 +3,26 @@
 A replica cut off from its store stops taking deliveries, so that the broker hands them to
 replicas that can do them, and starts again once the store answers
 (``worker/broker/consumer.py``). Both happen on the loop the handlers run on, so neither
-may wait for the broker's answer: kombu's ``Consumer.cancel`` and ``consume`` would (and on
-uvloop's loop the socket is non-blocking, where such a wait fails). So the consumer is
-cancelled and started again by its tag with ``nowait``: the broker's answer is not asked
-for. Deliveries already on their way when the cancel goes out still arrive, to the same
-callback, and the consumer settles them as it does every other.
+may wait there for the broker's answer, as kombu's ``Consumer.cancel`` and ``consume`` do
+(and on uvloop's loop the socket is non-blocking, where such a wait fails):
 
-The tag stays the same: py-amqp keeps a tag's callback until the broker's cancel-ok, which
-``nowait`` never asks for, so consuming again under the same tag replaces that callback
-rather than leaving one behind per outage. kombu keeps no public handle on its tags or
-its callback, hence the two private names read here, in this one place.
+- Stopping sends ``basic.cancel`` and goes on. Deliveries already on their way still
+  arrive, to the same callback, and are settled like any other; the broker's cancel-ok,
+  read later with everything else, is where py-amqp forgets the tag's callback.
+- Starting consumes again under a *new* tag, without waiting for the consume-ok. Not the
+  old one: RabbitMQ 3.10 closes the channel (``INTERNAL_ERROR``) when a quorum queue is
+  consumed again under a tag whose cancelled consumer still holds unacked deliveries, as
+  the work this replica had started and held through the outage does.
+
+kombu keeps no public handle on its tags or its callback, hence the private names of its
+``Consumer`` used here, in this one place.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from amqp import spec
 from kombu import Consumer
 
 
@@ -28,32 +32,24 @@ class Intake:
 
     def __init__(self, consumers: Iterable[Consumer], amqp: bool) -> None:
         self._consumers = list(consumers)  # consuming already (entered)
-        self._amqp = amqp  # py-amqp's channel; else kombu's embedded (virtual) one
+        self._amqp = amqp  # py-amqp's channels; else kombu's embedded (virtual) ones
         self.stopped = False
 
     def stop(self) -> None:
         """Ask the broker for no more deliveries; those on their way still arrive."""
         for consumer in self._consumers:
-            for tag in _tags(consumer).values():
-                if self._amqp:
-                    consumer.channel.basic_cancel(tag, nowait=True)
+            tags: dict[str, str] = consumer._active_tags  # by queue name
+            for tag in tags.values():
+                if self._amqp:  # nowait off: its cancel-ok clears py-amqp's callback
+                    consumer.channel.send_method(spec.Basic.Cancel, "sb", (tag, False))
                 else:  # a local call: nothing to wait for
                     consumer.channel.basic_cancel(tag)
         self.stopped = True
 
     def start(self) -> None:
-        """Take deliveries again, under the same tags."""
+        """Take deliveries again, each queue under a tag of its own."""
         for consumer in self._consumers:
-            tags = _tags(consumer)
             for queue in consumer.queues:
-                queue.consume(
-                    tags[queue.name], consumer._receive_callback, no_ack=False, nowait=True
-                )
+                consumer._active_tags.pop(queue.name, None)  # a new tag, not the cancelled one
+                consumer._basic_consume(queue, nowait=True)
         self.stopped = False
-
-
-def _tags(consumer: Consumer) -> dict[str, str]:
-    """The consumer's tag of each queue it consumes (kombu's own record)."""
-    tags: dict[str, str] = consumer._active_tags
-    return tags
-
