@@ -18,6 +18,8 @@ from datetime import datetime
 from functools import partial
 from typing import TypeVar
 
+from opentelemetry import trace
+
 from schemas.commands import Command
 from schemas.events import ErrorCode, ErrorInfo, ResultEvent
 from worker.errors import CommandRejected, RelayError, StoreUnavailable, Withheld
@@ -93,6 +95,11 @@ class Handler:
                 partial(self._store.claim, command.key, fingerprint(command), holder,
                         command.command_id),
                 nothing_held=True,
+            )
+            # When the store answered, and what: the wait before a command started shows
+            # in its trace (the delivery's span) up to this point.
+            trace.get_current_span().add_event(
+                "relay.claim", {"relay.claim.answer": type(claim).__name__}
             )
             match claim:
                 case Completed(event=stored):
