@@ -125,10 +125,14 @@ def relay_cut_off(
         **overrides,
     }
     telemetry = traced.telemetry if traced else None
-    with running_relay(sandbox, telemetry, **settings) as relay:
-        yield relay
-    if not shared:
-        delete_queues(relay.settings)
+    declared: Settings | None = None
+    try:
+        with running_relay(sandbox, telemetry, **settings) as relay:
+            declared = relay.settings
+            yield relay
+    finally:
+        if declared is not None and not shared:
+            delete_queues(declared)
 
 
 def cancel_task(task_id: int) -> dict[str, Any]:
