@@ -12,6 +12,11 @@ It is the one place that settles messages. Heartbeats are checked on every pass.
 
 Publishing writes to the socket directly; if RabbitMQ pushes back (flow control), the
 loop waits with it, and so do the handlers: nothing is started that could not be settled.
+
+While a store is away (``worker/ops/outage.py``), perhaps for this replica only, it takes
+no deliveries (``worker/broker/intake.py``) and gives back those it has not started, as
+copies at the back of their queue that keep their delivery count, so that replicas that
+reach the store do them; it takes deliveries again once the store answers.
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ class Delivery:
     fields: CommandFields  # what addresses its event, as far as it is known
     received_at: float = field(default_factory=time.monotonic)
     attributes: dict[str, str] = field(default_factory=dict)  # type and tenant, for metrics
-    started: bool = False  # handed to the handler: no longer given back for an outage
+    started: bool = False  # handed to the handler (which gives it back itself, if at all)
     given_back: bool = False  # its task was cancelled to give it back (a store is away)
 
 
