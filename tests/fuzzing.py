@@ -573,7 +573,9 @@ any_body = st.one_of(
 
 # --- strategies: headers and properties ---------------------------------------------------
 
-COUNT_HEADERS = ("x-delivery-count", "x-relay-retries", "x-relay-attempts")
+COUNT_HEADERS = (
+    "x-delivery-count", "x-relay-retries", "x-relay-attempts", "x-relay-earlier-deliveries",
+)
 big_digit_strings = st.integers(19, 5000).map(lambda n: "9" * n)
 
 

@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime
 
+from opentelemetry import trace
+
 from schemas.commands import Command
 from schemas.events import ErrorCode, ErrorInfo, ResultEvent
 from worker.errors import (
@@ -105,6 +107,11 @@ class Handler:
         while True:
             taken = await self._claims.take(
                 claim_key(command), fingerprint(command), command_ref(command)
+            )
+            # When the store answered, and what: the wait before a command started shows
+            # in its trace (the delivery's span) up to this point.
+            trace.get_current_span().add_event(
+                "relay.claim", {"relay.claim.answer": type(taken).__name__}
             )
             match taken:
                 case Completed(event=stored):

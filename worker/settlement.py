@@ -15,6 +15,10 @@ class Action(Enum):
     REQUEUE = "requeue"
     DELAY = "delay"  # back to the command queue after a delay queue's TTL; the original is acked
     FORWARD = "forward"  # to its lane (worker/broker/lanes.py); the original is acked
+    # This replica can not do it now (its store is away: not started, or held as long as a
+    # delivery may be): a copy to the back of the queue it came from, keeping its delivery
+    # count; the original is acked. Unlike REQUEUE, it uses up none of the delivery limit.
+    GIVE_BACK = "give_back"
 
 
 @dataclass(frozen=True)

@@ -44,15 +44,17 @@ class ExitRecord:
 
 class Fleet:
     """Replicas started in ``procs`` with ``env`` (on a clean environment); replica i
-    serves ``/metrics`` on ``health_ports[i]`` where given."""
+    serves ``/metrics`` on ``health_ports[i]`` and has ``replica_env[i]`` on top of
+    ``env``, where given."""
 
     def __init__(
         self, procs: Procs, env: Mapping[str, str], replicas: int,
-        health_ports: Sequence[int] = (),
+        health_ports: Sequence[int] = (), replica_env: Sequence[Mapping[str, str]] = (),
     ) -> None:
         self._procs = procs
         self._env = clean_environment() | dict(env)
         self._health_ports = health_ports
+        self._replica_env = replica_env
         self.exits: list[ExitRecord] = []
         self.procs = [self._start(index) for index in range(replicas)]
 
@@ -60,6 +62,8 @@ class Fleet:
         env = dict(self._env)
         if index < len(self._health_ports):
             env["RELAY_HEALTH_PORT"] = str(self._health_ports[index])
+        if index < len(self._replica_env):
+            env.update(self._replica_env[index])
         return self._procs.start(f"relay-{index}", REPLICA_ARGV, env)
 
     def check_alive(self) -> None:

@@ -34,10 +34,11 @@ class World:
     def start_replicas(
         self, replicas: int, *, store_url: str, rate_limit_url: str,
         rate_limits: Mapping[str, str], tenants: Mapping[str, Any], env: Mapping[str, str],
-        health_ports: Sequence[int] = (),
+        health_ports: Sequence[int] = (), replica_env: Sequence[Mapping[str, str]] = (),
     ) -> Fleet:
         """``replicas`` workers against the sandbox, with the stores, ``rate_limits`` and
-        ``tenants`` given; ``env`` adds to and overrides their settings."""
+        ``tenants`` given; ``env`` adds to and overrides their settings, and
+        ``replica_env[i]`` those of replica i."""
         assert self.sandbox is not None, "the sandbox first"
         # With the tenants, the topology knows the lanes the replicas declare.
         self.topology = self.names.topology(
@@ -47,7 +48,7 @@ class World:
             self.names, self.sandbox.base_url, broker_url=self.broker_url, store_url=store_url,
             rate_limit_url=rate_limit_url, rate_limits=rate_limits, tenants=tenants,
         )
-        self.fleet = Fleet(self.procs, {**settings, **env}, replicas, health_ports)
+        self.fleet = Fleet(self.procs, {**settings, **env}, replicas, health_ports, replica_env)
         return self.fleet
 
     def collect(

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from .checks import missing
 from .figures import Figures
+from .redis_server import RedisServer
 from .rig import ChaosRig
 
 FIGURES = pytest.StashKey[list[Figures]]()
@@ -50,6 +52,21 @@ def report(request: pytest.FixtureRequest) -> Report:
                 out.write(figures.as_json() + "\n")
 
     return record
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of the scenario's own (``redis_server.py``), killed whatever happens."""
+    binary = RedisServer.binary_path()
+    if binary is None:
+        missing("redis-server is not installed here (bash .ci/services installs it)")
+    assert binary is not None
+    server = RedisServer(tmp_path, binary)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from functools import partial
 from pathlib import Path
@@ -88,16 +88,19 @@ class ChaosRig(ScenarioRig):
         concurrency: int = 32,
         claim_lease_s: float = 3.0,
         tenants: Iterable[str] = (),
+        replica_env: Sequence[Mapping[str, str]] = (),
         **settings: str,
     ) -> None:
         """The sandbox, then ``replicas`` workers; returns once all of them consume.
-        ``tenants``: besides ``default``, each with an ESET user of its own."""
+        ``tenants``: besides ``default``, each with an ESET user of its own.
+        ``replica_env[i]``: replica i's own settings, on top of ``settings``."""
         self._start_replicas(
             replicas,
             rate_limited=rate_limited,
             tenants=tenants,
             claim_lease_s=claim_lease_s,
             settings={"RELAY_CONCURRENCY": str(concurrency), **settings},
+            replica_env=replica_env,
         )
         assert self.fleet is not None
         if not self.admin.wait_consumers(replicas, READY_TIMEOUT_S):

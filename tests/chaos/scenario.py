@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,11 @@ class ScenarioRig(World):
         tenants: Iterable[str],
         claim_lease_s: float,
         settings: dict[str, str],
+        replica_env: Sequence[Mapping[str, str]] = (),
     ) -> None:
         """The sandbox, then ``replicas`` workers against it and the stores. ``tenants``:
         besides ``default``, each with accounts of its own (an ESET user of its own: a
-        rate limit of its own)."""
+        rate limit of its own). ``replica_env[i]``: replica i's own settings on top."""
         sandbox = self.start_sandbox(rate_limited=rate_limited)
         self.start_replicas(
             replicas,
@@ -69,6 +70,7 @@ class ScenarioRig(World):
                 "RELAY_LOG_FORMAT": "json",  # with command ids and keys, to trace one key
                 **settings,
             },
+            replica_env=replica_env,
         )
 
     # --- running ---

@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from .checks import missing
 from .conftest import Report
 from .figures import EFFECT_ROUTE, Figures, Workload, batch_deletes
 from .redis_server import RedisServer
@@ -38,21 +35,6 @@ OUTAGE_S = 10.0
 DEADLINE_S = 180.0
 LEASE_S = 30.0  # no holder dies here: a lease no live holder outlives (outage included)
 ANSWER_TIMEOUT_S = 120.0
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of the scenario's own, killed whatever happens."""
-    binary = RedisServer.binary_path()
-    if binary is None:
-        missing("redis-server is not installed here (bash .ci/services installs it)")
-    assert binary is not None
-    server = RedisServer(tmp_path, binary)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.mark.timeout(180)

@@ -12,6 +12,11 @@ It is the one place that settles messages. Heartbeats are checked on every pass.
 
 Publishing writes to the socket directly; if RabbitMQ pushes back (flow control), the
 loop waits with it, and so do the handlers: nothing is started that could not be settled.
+
+While a store is away (``worker/ops/outage.py``), perhaps for this replica only, it takes
+no deliveries (``worker/broker/intake.py``) and gives back those it has not started, as
+copies at the back of their queue that keep their delivery count, so that replicas that
+reach the store do them; it takes deliveries again once the store answers.
 """
 
 from __future__ import annotations
@@ -42,9 +47,10 @@ from worker.broker.confirms import Confirms
 from worker.broker.connection import BrokerCertificateRefused, connect, is_amqp
 from worker.broker.decoding import decode_message, fields_of, preview, usable_text
 from worker.broker.frames import unreadable
+from worker.broker.intake import Intake
 from worker.broker.lanes import Lane, LaneMonitor
 from worker.broker.origin import publisher_of, worker_user
-from worker.broker.publisher import Publisher
+from worker.broker.publisher import EARLIER_DELIVERIES_HEADER, Publisher
 from worker.broker.topology import Topology
 from worker.errors import StoreUnavailable
 from worker.ops.outage import Outage
@@ -75,6 +81,8 @@ class Delivery:
     fields: CommandFields  # what addresses its event, as far as it is known
     received_at: float = field(default_factory=time.monotonic)
     attributes: dict[str, str] = field(default_factory=dict)  # type and tenant, for metrics
+    started: bool = False  # handed to the handler (which gives it back itself, if at all)
+    given_back: bool = False  # its task was cancelled to give it back (a store is away)
 
 
 class CommandConsumer:
@@ -102,9 +110,11 @@ class CommandConsumer:
             settings.lane_poll_interval_s, settings.broker_tls,
         )
         self._finished: deque[tuple[Delivery, asyncio.Task[Settlement]]] = deque()
-        self._tasks: set[asyncio.Task[Settlement]] = set()  # strong references while running
+        # Strong references while running, and what each one is working on.
+        self._tasks: dict[asyncio.Task[Settlement], Delivery] = {}
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._generation = 0  # bumped on every (re)connection
+        self._given_back = 0  # deliveries given back since the stores were last seen away
         self._wake = asyncio.Event()  # set by the socket's reader and by finished handlers
         self._socket: socket.socket | None = None  # None: the embedded broker, polled
         self._readable = False
@@ -179,11 +189,13 @@ class CommandConsumer:
                     for lane, lane_channel in zip(lanes, lane_channels, strict=True)
                 ),
             ]
+            intake = Intake(consumers, amqp=is_amqp(self._settings.broker_url))
             with self._watching(connection):
                 self.connected.set()
                 log.info("consuming", extra={"queue": self.topology.command_queue.name,
                                              "lanes": len(lanes)})
                 while not stop.is_set():
+                    self._follow_outage(intake)
                     self._settle_finished(publisher)
                     self._drain(connection)
                     await self._wait(IDLE_WAIT_S)
@@ -193,6 +205,25 @@ class CommandConsumer:
             for consumer in consumers:
                 consumer.cancel()
             await self._finish_in_flight(connection, publisher)
+
+    def _follow_outage(self, intake: Intake) -> None:
+        """While a store is away, take no deliveries and give back those not started, so
+        that replicas that reach the store do them (the store may be away for this
+        replica only); take deliveries again once it answers."""
+        if not self._outage.available and not intake.stopped:
+            intake.stop()
+            self._outage.give_back_unstarted()  # and so do handlers still taking a claim
+            unstarted = [(d, task) for task, d in self._tasks.items() if not d.started]
+            for delivery, task in unstarted:
+                delivery.given_back = True
+                task.cancel()
+            log.warning("a store is away: taking no deliveries until it answers, and giving "
+                        "back the %d not started", len(unstarted))
+        elif self._outage.available and intake.stopped:
+            intake.start()
+            log.info("the stores answer: taking deliveries again (%d were given back)",
+                     self._given_back)
+            self._given_back = 0
 
     def _open(self, connection: Connection, lanes: int) -> tuple[Any, list[Any]]:
         """Connect, declare the topology, and open a channel for each lane. Nothing
@@ -283,7 +314,7 @@ class CommandConsumer:
         self._metrics.in_flight.add(1)
         loop = asyncio.get_running_loop()
         task = loop.create_task(self._process(delivery), context=_in_span(delivery.span))
-        self._tasks.add(task)
+        self._tasks[task] = delivery
         task.add_done_callback(lambda done: self._finish(delivery, done))
 
     def _receive(self, message: Message, lane: Lane | None) -> Delivery:
@@ -306,7 +337,10 @@ class CommandConsumer:
         return Delivery(message, span, self._generation, lane, message_id, fields)
 
     async def _process(self, delivery: Delivery) -> Settlement:
-        # New work waits while a store is away: it could not be done safely meanwhile.
+        if self._outage.giving_back:  # on its way when this replica stopped taking any
+            return Settlement(None, Action.GIVE_BACK)
+        # New work waits while a store is away: it could not be done safely meanwhile
+        # (and once this replica gives back what it has not started, this is cancelled).
         await self._outage.wait()
         if self._stopping:  # not started: the broker gives it to another replica
             return Settlement(None, Action.REQUEUE)
@@ -322,6 +356,7 @@ class CommandConsumer:
         self._describe(delivery, decoded)
         info = self._delivery_info(message)
         if delivery.lane is not None:  # bounded by the lane's prefetch, not the slots
+            delivery.started = True
             return await self._handle(decoded, info)
         lane = self.topology.lane_for(decoded)
         if lane is not None:
@@ -329,6 +364,7 @@ class CommandConsumer:
         async with self._slots:
             if self._stopping:
                 return Settlement(None, Action.REQUEUE)
+            delivery.started = True
             return await self._handle(decoded, info)
 
     def _describe(self, delivery: Delivery, decoded: Command | Rejected) -> None:
@@ -349,17 +385,15 @@ class CommandConsumer:
 
     def _finish(self, delivery: Delivery, task: asyncio.Task[Settlement]) -> None:
         """Queue the settlement for the consume loop, where broker errors are handled."""
-        self._tasks.discard(task)
+        self._tasks.pop(task, None)
         self._finished.append((delivery, task))
         self._wake.set()
 
     def _delivery_info(self, message: Message) -> DeliveryInfo:
         headers = message.headers or {}
-        # Quorum queues count earlier deliveries in x-delivery-count and dead-letter past
-        # the limit; the last one allowed is used to fail the command with an event. On a
-        # first delivery the header, if any, is the publisher's: not a count to trust.
-        redelivered = bool(message.delivery_info.get("redelivered"))
-        redeliveries = _count(headers.get("x-delivery-count")) if redelivered else 0
+        # Quorum queues count earlier deliveries and dead-letter past the limit; the last
+        # one allowed is used to fail the command with an event.
+        redeliveries = _earlier_deliveries(message)
         return DeliveryInfo(
             retries=_count(headers.get("x-relay-retries")),
             attempts=_count(headers.get("x-relay-attempts")),
@@ -379,14 +413,17 @@ class CommandConsumer:
             self._settle(delivery, settlement, publisher)
 
     def _settlement(self, delivery: Delivery, task: asyncio.Task[Settlement]) -> Settlement:
-        if task.cancelled():  # only at shutdown: the broker gives it to another replica
-            return Settlement(None, Action.REQUEUE)
+        if task.cancelled():
+            if delivery.given_back:  # not started, and a store is away
+                return Settlement(None, Action.GIVE_BACK)
+            return Settlement(None, Action.REQUEUE)  # at shutdown: for another replica
         error = task.exception()
         if error is None:
             return task.result()
         if isinstance(error, StoreUnavailable):
-            # Held as long as a delivery may be; it goes back and waits again.
-            return Settlement(None, Action.REQUEUE)
+            # Given back while taking its claim, or held as long as a delivery may be: it
+            # goes back (an outage never uses up its delivery limit) and waits again.
+            return Settlement(None, Action.GIVE_BACK)
         # A bug, not bad input: report it and keep the message rather than lose it.
         log.error("handler failed", exc_info=error)
         event = result_event(
@@ -422,6 +459,10 @@ class CommandConsumer:
         # Acked once the broker has confirmed these publishes; a refused one puts the
         # command back, and its redelivery replays the stored result.
         with publisher.confirms.group(message.ack, message.requeue):
+            if settlement.action is Action.GIVE_BACK:
+                queue = delivery.lane.queue if delivery.lane else self.topology.command_queue
+                publisher.give_back(message, queue.name, _earlier_deliveries(message))
+                return
             if settlement.action is Action.FORWARD:
                 publisher.to_lane(message, settlement.queue)
                 return
@@ -455,7 +496,9 @@ class CommandConsumer:
     def _record(self, delivery: Delivery, settlement: Settlement) -> None:
         event = settlement.event
         laned = settlement.action is Action.FORWARD
-        outcome = event.data.outcome if event else "laned" if laned else "requeued"
+        outcome = event.data.outcome if event else _UNFINISHED.get(settlement.action, "requeued")
+        if settlement.action is Action.GIVE_BACK:
+            self._given_back += 1
         attributes = {**delivery.attributes, "relay.outcome": outcome}
         self._metrics.in_flight.add(-1)
         if not laned:  # counted when its lane's delivery settles
@@ -507,6 +550,20 @@ async def _sleep_unless(stop: threading.Event, seconds: float) -> None:
     until = time.monotonic() + seconds
     while not stop.is_set() and time.monotonic() < until:
         await asyncio.sleep(min(IDLE_WAIT_S, until - time.monotonic()))
+
+
+# The outcome a delivery is recorded with when it settles without an event.
+_UNFINISHED = {Action.FORWARD: "laned", Action.GIVE_BACK: "given_back"}
+
+
+def _earlier_deliveries(message: Message) -> int:
+    """The deliveries of the command before this one, as the broker counted them (on a
+    first delivery, x-delivery-count is the publisher's: not a count to trust), with those
+    counted before it was given back (worker/broker/publisher.py)."""
+    headers = message.headers or {}
+    redelivered = bool(message.delivery_info.get("redelivered"))
+    counted = _count(headers.get("x-delivery-count")) if redelivered else 0
+    return counted + _count(headers.get(EARLIER_DELIVERIES_HEADER))
 
 
 def _count(value: object) -> int:

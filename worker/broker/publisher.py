@@ -26,6 +26,9 @@ from worker.ops.telemetry import messaging_attributes, trace_headers
 PERSISTENT = 2
 DEFAULT_EXCHANGE = "amq.default"  # the conventions' name for RabbitMQ's nameless exchange
 MAX_HEADER_MESSAGE_CHARS = 300  # of an error's message, kept with a dead letter
+# On a copy given back to its queue: the deliveries the broker had counted for the command
+# before the copy was made, which the copy's own x-delivery-count starts anew from.
+EARLIER_DELIVERIES_HEADER = "x-relay-earlier-deliveries"
 
 
 class Publisher:
@@ -88,6 +91,16 @@ class Publisher:
         headers[LANED_AT_HEADER] = time.time()
         self._forward(command, queue, headers)
 
+    def give_back(self, command: Message, queue: str, earlier_deliveries: int) -> None:
+        """Send the command, as it came, to the back of ``queue`` (the one it came from),
+        noting the deliveries counted for it so far. Not a requeue: a quorum queue counts
+        every requeue as a delivery, and enough of them would reach its delivery limit
+        (and dead-letter a command that only met outages); the copy counts none."""
+        headers = _as_new_message(command.headers)
+        if earlier_deliveries:
+            headers[EARLIER_DELIVERIES_HEADER] = earlier_deliveries
+        self._forward(command, queue, headers)
+
     def _forward(self, command: Message, queue: str, headers: dict[str, Any]) -> None:
         """The command's body and properties, unchanged, to ``queue``, with ``headers``
         (and its publisher, when publishers are checked)."""
@@ -133,6 +146,7 @@ def _as_new_message(headers: Any) -> dict[str, Any]:
     deliveries anew."""
     forwarded = headers_of(headers)
     forwarded.pop("x-delivery-count", None)
+    forwarded.pop(EARLIER_DELIVERIES_HEADER, None)
     return forwarded
 
 

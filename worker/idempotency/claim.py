@@ -153,8 +153,11 @@ class Claims:
         """Claim ``key`` for new work; the claim, or why this worker may not do the work.
         ``command_ref`` (the tenant's command id) is indexed to the key."""
         holder = self._new_holder()
+        # Nothing is held yet: once this replica gives back the work it has not started
+        # (its store is away for it), the claim is not waited for either.
         decided = await self.outage.held(
-            lambda: self.store.claim(key, fingerprint, holder, command_ref), self.hold_s
+            lambda: self.store.claim(key, fingerprint, holder, command_ref), self.hold_s,
+            nothing_held=True,
         )
         if not isinstance(decided, Claimed):
             return decided
