@@ -198,6 +198,16 @@ def test_expires_in_as_a_string_of_digits_or_null_is_an_hour(
     assert len(vendor.token_calls) == 1  # kept for the second command
 
 
+def test_a_token_that_expires_at_once_serves_its_call_and_is_renewed_for_the_next(
+    tmp_path: Path,
+):
+    expiring = status(200, json={**GOOD_TOKEN, "expires_in": 0})
+    vendor = ScriptedVendor(tokens=[expiring, expiring])
+    events = run(vendor, tmp_path, command("cancel-task"), command("cancel-task"))
+    assert [e.data.outcome for e in events] == ["succeeded", "succeeded"]
+    assert len(vendor.token_calls) == 2
+
+
 def test_a_token_endpoint_that_never_answers_properly_fails_the_command_for_a_while(
     tmp_path: Path,
 ):

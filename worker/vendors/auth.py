@@ -155,8 +155,10 @@ class IssuedToken(BaseModel):
 
     access_token: Annotated[str, Field(pattern=TOKEN_CHARS, repr=False)]
     refresh_token: Annotated[str | None, Field(pattern=TOKEN_CHARS, repr=False)] = None
-    # Seconds; some servers send it as a string of digits. Absent or null: an hour.
-    expires_in: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    # Seconds; some servers send it as a string of digits. Absent or null: an hour. 0: good
+    # for the call at hand only (it is renewed for the next).
+    expires_in: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
 
     def lifetime_s(self) -> float:
-        return min(self.expires_in or DEFAULT_LIFETIME_S, MAX_LIFETIME_S)
+        lifetime_s = DEFAULT_LIFETIME_S if self.expires_in is None else self.expires_in
+        return min(lifetime_s, MAX_LIFETIME_S)
