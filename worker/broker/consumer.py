@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 Handle = Callable[[Command | Rejected, DeliveryInfo], Awaitable[Settlement]]
 IDLE_WAIT_S = 0.25  # how often ``stop`` and heartbeats are looked at when nothing happens
 RECONNECT_MAX_WAIT_S = 30.0
+CANCEL_WAIT_S = 5.0  # at shutdown, for cancelled handlers to let go of their claims
 MAX_HEADER_COUNT = 10**6  # a count header beyond this is not one the broker or we wrote
 COMPRESSION_HEADER = "compression"  # kombu would inflate the body on receipt: not for us
 KEPT_COMPRESSION_HEADER = f"x-relay-{COMPRESSION_HEADER}"
@@ -304,6 +305,17 @@ class CommandConsumer:
             # Unacked deliveries go back to the queue when the channel closes; their
             # stored results (if any) are replayed on redelivery.
             log.warning("%d commands still in flight at shutdown; requeued", self._in_flight)
+            await self._cancel_running()
+
+    async def _cancel_running(self) -> None:
+        """Stop the handlers still running, and wait a little for them to stop: each then
+        lets go of what it may (the claim of work never sent) while the stores are still
+        open, and none is left behind on a loop about to close."""
+        running = list(self._tasks)
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=CANCEL_WAIT_S)
 
     def _on_message(self, message: Message, lane: Lane | None = None) -> None:
         """Start the message's task. py-amqp may call this in the middle of a publish (it
@@ -485,8 +497,9 @@ class CommandConsumer:
         reply_to = message.properties.get("reply_to")
         if not reply_to:
             return None, event
-        if isinstance(reply_to, str) and reply_to.startswith(self._settings.reply_to_prefixes):
-            return reply_to, event
+        usable = usable_text(reply_to)  # a lone surrogate can name no queue to publish to
+        if usable is not None and usable.startswith(self._settings.reply_to_prefixes):
+            return usable, event
         allowed = ", ".join(self._settings.reply_to_prefixes)
         return None, event.with_warning(
             f"reply_to {preview(reply_to)} is not a reply queue (names starting with "
