@@ -199,6 +199,9 @@ class HostileVendor:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def __repr__(self) -> str:
+        return f"HostileVendor({self.base_url})"
+
     def start(self) -> HostileVendor:
         self._thread.start()
         self._server = self._on_loop(self._listen())

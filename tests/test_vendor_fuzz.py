@@ -241,6 +241,10 @@ class Scenario:
             parts.append("repeat=True")
         return f"Scenario({', '.join(parts)})"
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """hypothesis prints falsifying examples with this: long bodies cut short."""
+        printer.text(repr(self))
+
 
 # --- one example: the command, then its resend ----------------------------------------
 
