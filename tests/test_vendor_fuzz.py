@@ -63,13 +63,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from pydantic import SecretStr
 
 from schemas.commands import Command, parse_command
-from schemas.events import ResultEvent
-from worker.handler import Handler
+from schemas.events import ErrorCode, ErrorInfo, Outcome, ResultEvent, VendorName
+from worker.handler import Handler, replay_for
 from worker.idempotency import SqliteStore
 from worker.ops.logs import handler_for
 from worker.ops.outage import Outage
 from worker.ops.telemetry import Telemetry
-from worker.results import now
+from worker.replies import VendorReply
+from worker.results import now, result_event
 from worker.settings import EsetAccount, FylrAccount, Settings, SpaazaAccount, Tenant
 from worker.settlement import Action, DeliveryInfo, Settlement
 from worker.vendors import Vendors
@@ -176,8 +177,10 @@ KINDS = ("eset-update-triggers", "spaaza-update-triggers", "batch-delete", "canc
          "fetch-patching")
 ESET_KINDS = ("eset-update-triggers", "batch-delete", "fetch-patching")
 OAUTH_KINDS = (*ESET_KINDS, "cancel-task")  # the vendors with a token endpoint
-VENDOR = {"eset-update-triggers": "eset", "batch-delete": "eset", "fetch-patching": "eset",
-          "spaaza-update-triggers": "spaaza", "cancel-task": "fylr"}
+VENDOR: dict[str, VendorName] = {
+    "eset-update-triggers": "eset", "batch-delete": "eset", "fetch-patching": "eset",
+    "spaaza-update-triggers": "spaaza", "cancel-task": "fylr",
+}
 
 
 def command_for(kind: str) -> Command:
@@ -1045,3 +1048,68 @@ def test_a_well_behaved_vendor_passes_every_check(vendor: HostileVendor) -> None
         assert [e.role for e in result.exchanges] == (
             ["token", "call"] if kind in OAUTH_KINDS else ["call"])
 
+
+
+# --- the checks can fail: each on a run made up to break its promise -----------------
+
+MADE_UP_TOKEN = "acc" + "0" * 24
+
+
+def made_up_run(
+    kind: str, answers: list[tuple[str, Answer]], outcome: Outcome, status: int,
+    resend_calls: int = 0, message: str = "refused",
+) -> Run:
+    """A run as :func:`run` records it, of a worker that sent ``answers``' requests (by
+    role, each answered in full at once), ended as ``outcome`` with ``status`` and
+    ``message``, and whose resend made ``resend_calls`` calls."""
+    command = command_for(kind)
+    started = time.monotonic()
+    exchanges = [made_up_exchange(role, answer, started) for role, answer in answers]
+    error = None if outcome == "succeeded" else ErrorInfo(
+        code=ErrorCode.VENDOR_REJECTED, message=message, vendor_status=status)
+    event = result_event(command_id=command.command_id, idempotency_key=command.key,
+                         command_type=command.type, tenant=command.tenant, outcome=outcome,
+                         started_at=now(), attempts=1,
+                         reply=VendorReply(VENDOR[kind], status, {}), error=error)
+    first = Handled(Settlement.for_event(event), None, 0.1, started + 0.1)
+    replayed = Settlement.for_event(replay_for(command.command_id, event))
+    resend = Handled(replayed, None, 0.01, started + 0.2)
+    resent = [made_up_exchange("call", GOOD["call"], started) for _ in range(resend_calls)]
+    return Run(Scenario(kind), command, started + DEADLINE_S, first, resend, exchanges, resent,
+               logs="", spans=[], secrets=(*ACCOUNT_SECRETS, MADE_UP_TOKEN))
+
+
+def made_up_exchange(role: str, answer: Answer, at: float) -> Exchange:
+    return Exchange(role, "POST", "/made-up", [], b"", answer, at, headers=list(answer.headers),
+                    body=answer.body, full_bytes=100, total_bytes=100, sent_bytes=100,
+                    finished_at=at + 0.01)
+
+
+MADE_UP_BREACHES: dict[str, tuple[Callable[[], Run], type[BrokenPromise]]] = {
+    "success on a 302": (
+        lambda: made_up_run("batch-delete", [("token", GOOD_TOKEN),
+                                             ("call", Answer(302, b"Found"))], "succeeded", 302),
+        DishonestOutcome),
+    "a mutation sent again after its 200": (
+        lambda: made_up_run("batch-delete", [("call", Answer(200)), ("call", Answer(200))],
+                            "succeeded", 200),
+        ActedTwice),
+    "a resend that calls the vendor": (
+        lambda: made_up_run("cancel-task", [("call", Answer(200))], "succeeded", 200,
+                            resend_calls=1),
+        ResendNotReplayed),
+    "an issued token in an error message": (
+        lambda: made_up_run("cancel-task", [("call", Answer(400))], "failed", 400,
+                            message=f"refused: Bearer {MADE_UP_TOKEN}"),
+        SecretLeaked),
+}
+
+
+@pytest.mark.parametrize(("made_up", "breach"), MADE_UP_BREACHES.values(),
+                         ids=MADE_UP_BREACHES.keys())
+def test_the_checks_find_a_broken_promise(
+    made_up: Callable[[], Run], breach: type[BrokenPromise]
+) -> None:
+    """The checks themselves can fail: each finds the breach a made-up run commits."""
+    with pytest.raises(breach):
+        check(made_up())
