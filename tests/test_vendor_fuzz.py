@@ -122,6 +122,8 @@ ACCOUNT_SECRETS = (ESET_PASSWORD, FYLR_CLIENT_SECRET, FYLR_PASSWORD, SPAAZA_SECR
 
 @dataclass
 class Worker:
+    """The worker side of one example: its handler, and what to close after it."""
+
     handler: Handler
     vendors: Vendors
     store: SqliteStore
@@ -358,7 +360,8 @@ def run(vendor: HostileVendor, scenario: Scenario, scratch: Path) -> Run:
     async def twice() -> tuple[Handled, Handled | None, int]:
         worker = make_worker(settings, scratch / "claims.sqlite3", Telemetry.using(provider))
         try:
-            first = await handle_within(worker.handler, command, deadline_at + BOUND_S - DEADLINE_S)
+            latest = deadline_at + HTTP_TIMEOUT_S + ALLOWANCE_S
+            first = await handle_within(worker.handler, command, latest)
             seen = len(vendor.exchanges)
             if not first.ended:
                 return first, None, seen
