@@ -69,6 +69,7 @@ from worker.idempotency import SqliteStore
 from worker.ops.logs import handler_for
 from worker.ops.outage import Outage
 from worker.ops.telemetry import Telemetry
+from worker.redaction import Redactor
 from worker.replies import VendorReply
 from worker.results import now, result_event
 from worker.settings import EsetAccount, FylrAccount, Settings, SpaazaAccount, Tenant
@@ -133,12 +134,16 @@ class Worker:
         await self.store.close()
 
 
-def make_worker(settings: Settings, store_path: Path, telemetry: Telemetry) -> Worker:
+def make_worker(
+    settings: Settings, store_path: Path, telemetry: Telemetry, redactor: Redactor
+) -> Worker:
     """The handler as ``RelayService`` builds it (no store outages): vendor clients from
-    ``settings``, memory rate limits, the settings' retry policy, a SQLite store."""
+    ``settings``, memory rate limits, the settings' retry policy, a SQLite store, and the
+    process's redactor (the log handlers' too, as ``command-relay run`` shares it)."""
     policy = RetryPolicy.of(settings.retry)
     outage = Outage({})
-    vendors = Vendors(settings, RateLimits(settings.rate_limit, outage), policy, telemetry)
+    vendors = Vendors(settings, RateLimits(settings.rate_limit, outage), policy, telemetry,
+                      redactor=redactor)
     store = SqliteStore(store_path, settings.claim_lease_s, settings.idempotency_retention_s)
     handler = Handler(store, vendors, policy, settings.handler_timings, "fuzz-replica", outage)
     return Worker(handler, vendors, store)
@@ -328,11 +333,11 @@ async def handle_within(handler: Handler, command: Command, until: float) -> Han
 
 
 @contextmanager
-def captured_logs() -> Iterator[io.StringIO]:
+def captured_logs(redactor: Redactor) -> Iterator[io.StringIO]:
     """Every record, DEBUG and up, as the worker's own log handlers write it (text and
     JSON lines, with their redaction)."""
     stream = io.StringIO()
-    handlers = [handler_for("text", stream), handler_for("json", stream)]
+    handlers = [handler_for("text", stream, redactor), handler_for("json", stream, redactor)]
     root = logging.getLogger()
     previous = root.level
     for log_handler in handlers:
@@ -356,9 +361,11 @@ def run(vendor: HostileVendor, scenario: Scenario, scratch: Path) -> Run:
     command = command_for(scenario.kind)
     deadline_at = time.monotonic() + DEADLINE_S
     settings = settings_for(vendor.base_url)
+    redactor = Redactor(settings.secret_values())
 
     async def twice() -> tuple[Handled, Handled | None, int]:
-        worker = make_worker(settings, scratch / "claims.sqlite3", Telemetry.using(provider))
+        worker = make_worker(settings, scratch / "claims.sqlite3", Telemetry.using(provider),
+                             redactor)
         try:
             latest = deadline_at + HTTP_TIMEOUT_S + ALLOWANCE_S
             first = await handle_within(worker.handler, command, latest)
@@ -372,7 +379,7 @@ def run(vendor: HostileVendor, scenario: Scenario, scratch: Path) -> Run:
         finally:
             await worker.aclose()
 
-    with captured_logs() as logs:
+    with captured_logs(redactor) as logs:
         first, resend, seen = asyncio.run(twice())
     exchanges = vendor.finish()
     provider.shutdown()
@@ -580,7 +587,9 @@ def honest_outcome(run: Run) -> Problems:
 
 def redirects_refused(run: Run) -> Problems:
     """A 3xx is never followed: it is a refusal (``vendor_rejected``; on a token
-    endpoint ``vendor_auth_failed`` too) with its own status."""
+    endpoint ``vendor_auth_failed`` too) with its own status; on the collect of a
+    mutation ESET accepted, ``result_lost`` (the redirect says nothing of whether the
+    action was done, and the contract never sends it again)."""
     event = run.event
     last = run.exchanges[-1] if run.exchanges else None
     if event is None or last is None:
@@ -588,8 +597,11 @@ def redirects_refused(run: Run) -> Problems:
     status = sure_status(run, last)
     if status is None or not 300 <= status < 400 or last.role == "confirm":
         return []  # a confirming read's 3xx leaves the refusal it was to confirm standing
-    codes = ("vendor_rejected", "vendor_auth_failed") if last.role == "token" else (
-        "vendor_rejected",)
+    codes: tuple[str, ...] = ("vendor_rejected",)
+    if last.role == "token":
+        codes = ("vendor_rejected", "vendor_auth_failed")
+    elif last.role == "collect" and run.command.type != "fetch-patching":
+        codes = ("result_lost",)
     error = event.data.error
     if (event.data.outcome != "failed" or error is None or error.vendor_status != status
             or error.code not in codes):

@@ -97,7 +97,6 @@ class Handler:
         command, delivery = decoded, delivery or DeliveryInfo()
         try:
             self._check_publisher(command, delivery)
-            self._check_deadline(command)
             call = self._vendors.call_for(command)  # tenant, account and region, checked once
         except CommandRejected as error:
             return await self._store_rejection(
@@ -122,6 +121,14 @@ class Handler:
                     )
                 case Claim(taken_after_send=True, response_id=None) if call.request.is_mutation:
                     return await self._after_dead_holder(command, taken)
+                case Claim(taken_after_send=False) if (late := _deadline_passed(command)):
+                    # Judged after the claim: a command that was done before its deadline
+                    # is replayed when it comes again after it, never rejected.
+                    await taken.release()
+                    return await self._store_rejection(
+                        rejection_digest(command), self._rejected(command, late),
+                        replace_ref=True,
+                    )
                 case Claim():
                     # With a response_id the dead holder's 202 is collected, not resent.
                     try:
@@ -140,11 +147,14 @@ class Handler:
                         return Settlement(None, Action.REQUEUE)
                     await self._policy.sleep(min(self._timings.defer_poll_s, lease_left_s))
 
-    async def _store_rejection(self, digest: str, event: ResultEvent) -> Settlement:
+    async def _store_rejection(
+        self, digest: str, event: ResultEvent, replace_ref: bool = False
+    ) -> Settlement:
         """The rejection, stored under the message's own digest, so that a redelivery of
         the same message gets it again, marked replayed, rather than a second one. Its
-        id is indexed only where no work of that id is: a rejected message never hides
-        the result of the command whose id it names."""
+        id is indexed only where no work of that id is (a rejected message never hides
+        the result of the command whose id it names), unless ``replace_ref``: the
+        command's own claim was given up for it."""
         key = REJECTION_KEY_PREFIX + digest
         reference = tenant_scoped(event.data.tenant, event.data.command_id)
         while True:
@@ -155,7 +165,7 @@ class Handler:
                 case InProgress(lease_left_s=lease_left_s):  # another delivery, storing it
                     await self._policy.sleep(min(self._timings.defer_poll_s, lease_left_s))
                 case Claim():
-                    await taken.complete(event, reference, replace_ref=False)
+                    await taken.complete(event, reference, replace_ref=replace_ref)
                     return Settlement.for_event(event)
                 case Conflict():  # the digest is the fingerprint: the same message again
                     raise AssertionError("a rejection's digest conflicted with itself")
@@ -183,14 +193,6 @@ class Handler:
         log.warning("publisher %a refused for tenant %r", publisher and publisher[:64], tenant,
                     extra=dict(command_fields(command)))
         raise CommandRejected(ErrorCode.FORBIDDEN_TENANT, fix)
-
-    def _check_deadline(self, command: Command) -> None:
-        if command.deadline is not None and command.deadline <= now():
-            raise CommandRejected(
-                ErrorCode.DEADLINE_PASSED,
-                f"the command's deadline {command.deadline.isoformat()} had passed when it "
-                "was taken up; send it again with a later deadline if it is still wanted",
-            )
 
     def _budget_deadline(self, command: Command) -> float:
         """A :attr:`RetryPolicy.clock` reading after which no vendor call starts."""
@@ -399,6 +401,17 @@ class Handler:
                 "of this tenant (type or params differ); use a new key for new work",
             ),
         )
+
+
+def _deadline_passed(command: Command) -> CommandRejected | None:
+    """The rejection of a command taken up after its deadline, or None."""
+    if command.deadline is None or command.deadline > now():
+        return None
+    return CommandRejected(
+        ErrorCode.DEADLINE_PASSED,
+        f"the command's deadline {command.deadline.isoformat()} had passed when it was "
+        "taken up; send it again with a later deadline if it is still wanted",
+    )
 
 
 def _lost_after(bug: Exception, call: VendorCall) -> PermanentFailure:

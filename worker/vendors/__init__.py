@@ -154,7 +154,10 @@ class Vendors:
         check = call.confirmation
         if check is None or refusal.vendor_status != 400 or not budget.may_have_acted_before:
             raise refusal
-        reply = await call.sender.send(check.request, budget)
+        try:
+            reply = await call.sender.send(check.request, budget)
+        except PermanentFailure:
+            raise refusal from None  # the read shows nothing: the refusal stands
         if not check.shows_done(reply.body):
             raise refusal
         return reply

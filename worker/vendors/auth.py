@@ -106,10 +106,14 @@ class OAuthToken:
                 vendor_status=response.status_code,
             )
         if response.status_code != 200:
+            refused = (
+                "answered with a redirect, which is never followed: check the tenant's host"
+                if 300 <= response.status_code <= 399
+                else "refused the configured credentials; check the tenant's account settings"
+            )
             raise PermanentFailure(
                 ErrorCode.VENDOR_AUTH_FAILED,
-                f"{self._vendor} refused the configured credentials ({response.status_code}); "
-                "check the tenant's account settings",
+                f"{self._vendor} token endpoint {refused} ({response.status_code})",
                 vendor_status=response.status_code,
             )
         self._store(self._issued(response))

@@ -271,10 +271,14 @@ class Sender:
             authorization = await self.auth.authorization()
             send = await self._admitted(request, marks)
             sent_at = time.monotonic()
+            # Not the exception itself: its chain may quote what the vendor sent (a
+            # header line aiohttp refused). The span gets the error's type and status.
             with self.telemetry.tracer.start_as_current_span(
                 f"{request.method} {request.route}",
                 kind=trace.SpanKind.CLIENT,
                 attributes=_span_attributes(request, response_id, budget, self.redactor),
+                record_exception=False,
+                set_status_on_exception=False,
             ) as span:
                 try:
                     response = await self.client.request(
@@ -283,6 +287,9 @@ class Sender:
                     )
                 except httpx.TransportError as error:
                     raise _unreachable(request, span, error) from error
+                except Exception as error:  # named by its type only (see above)
+                    span.set_status(trace.StatusCode.ERROR, type(error).__name__)
+                    raise
                 finally:
                     budget.vendor_time_s += time.monotonic() - sent_at
                     await self.rate_slot.answered(send)
@@ -332,8 +339,7 @@ def _unreachable(
     """Transient, but for a refused certificate: that fails for good."""
     failure = transport_failure(request.vendor, error)
     span.set_attribute("error.type", type(error).__name__)
-    if not failure.retryable:
-        span.set_status(trace.StatusCode.ERROR, failure.message)
+    span.set_status(trace.StatusCode.ERROR, failure.message)
     return failure
 
 
