@@ -109,9 +109,8 @@ class Handler:
             )
             # When the store answered, and what: the wait before a command started shows
             # in its trace (the delivery's span) up to this point.
-            trace.get_current_span().add_event(
-                "relay.claim", {"relay.claim.answer": type(taken).__name__}
-            )
+            answer = "Claimed" if isinstance(taken, Claim) else type(taken).__name__
+            trace.get_current_span().add_event("relay.claim", {"relay.claim.answer": answer})
             match taken:
                 case Completed(event=stored):
                     return Settlement.for_event(replay_for(command.command_id, stored))
