@@ -156,17 +156,21 @@ class SqliteStore:
         result: ClaimResult = await self._run(self._claim, key, fingerprint, owner, command_ref)
         return result
 
+    def _row(self, key: str, now: float) -> Any:
+        """The key's claim, unless it expired."""
+        return self._db.execute(
+            "SELECT fingerprint, owner, lease_until, event, sent, response_id FROM claims"
+            " WHERE key = ? AND expires_at > ?",
+            (key, now),
+        ).fetchone()
+
     def _claim(
         self, key: str, fingerprint: str, owner: str, command_ref: str | None
     ) -> ClaimResult:
         now = self._clock()
         self._db.execute("BEGIN IMMEDIATE")  # other processes on this file wait here
         try:
-            row = self._db.execute(
-                "SELECT fingerprint, owner, lease_until, event, sent, response_id FROM claims"
-                " WHERE key = ? AND expires_at > ?",
-                (key, now),
-            ).fetchone()
+            row = self._row(key, now)
             record: Record | None = (*row[:4], bool(row[4]), row[5]) if row else None
             decided = _decide(record, fingerprint, now)
             if isinstance(decided, Claimed):
@@ -286,11 +290,7 @@ class SqliteStore:
         """The key's claim row and its retry note's, read in one transaction."""
         self._db.execute("BEGIN")
         try:
-            row = self._db.execute(
-                "SELECT fingerprint, owner, lease_until, event, sent, response_id FROM claims"
-                " WHERE key = ? AND expires_at > ?",
-                (key, now),
-            ).fetchone()
+            row = self._row(key, now)
             noted = self._db.execute(
                 "SELECT note FROM retry_notes WHERE key = ? AND expires_at > ?", (key, now)
             ).fetchone()
