@@ -105,6 +105,7 @@ class Rig:
     tmp_path: Path
     http_timeout_s: float = 5.0
     tenants: tuple[str, ...] = ("default",)
+    retry_delays_s: tuple[float, ...] = ()  # RabbitMQ's delay queues; none: the embedded's
     events: list[ResultEvent] = field(default_factory=list)
 
     async def run(self, *commands: Command) -> list[Settlement]:
@@ -113,7 +114,8 @@ class Rig:
         vendors = Vendors(config, RateLimits(config.rate_limit, Outage({})), policy,
                           Telemetry.using(), httpx.MockTransport(self.vendor))
         store = SqliteStore(self.tmp_path / "claims.sqlite3", lease_s=30, retention_s=600)
-        timings = replace(config.handler_timings, command_timeout_s=30, retry_delays_s=())
+        timings = replace(config.handler_timings, command_timeout_s=30,
+                          retry_delays_s=self.retry_delays_s)
         handler = Handler(store, vendors, policy, timings, "this-replica", Outage({}))
         try:
             settlements = [await handler.handle(each) for each in commands]

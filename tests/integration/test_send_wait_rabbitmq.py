@@ -29,8 +29,8 @@ from ..test_send_wait import progress_lines
 
 pytestmark = pytest.mark.integration
 
-HEARTBEAT_S = 2  # RabbitMQ drops a client silent for two of them: about 4 s
-SLOW_VENDOR_MS = 15_000  # the wait: several times the broker's heartbeat timeout
+HEARTBEAT_S = 1  # RabbitMQ drops a client silent for two of them: about 2 s
+SLOW_VENDOR_MS = 7_000  # the wait: several times the broker's heartbeat timeout
 
 
 class CuttableLink:
@@ -96,8 +96,8 @@ def delete_topology(amqp_url: str, settings: Settings) -> None:
 def test_a_wait_longer_than_the_brokers_heartbeat_timeout_gets_its_event(
     relay: RunningRelay, sandbox: SandboxServer
 ):
-    """The vendor takes 15 s; the client asked for 2 s heartbeats, so RabbitMQ would
-    have dropped a silent client after about 4 s, and its exclusive reply queue with it."""
+    """The vendor takes 7 s; the client asked for 1 s heartbeats, so RabbitMQ would
+    have dropped a silent client after about 2 s, and its exclusive reply queue with it."""
     sandbox.state.faults = Faults(latency_ms=SLOW_VENDOR_MS)
     topology = Topology.from_settings(relay.settings)
     with CommandClient(relay.settings.broker_url, topology, heartbeat_s=HEARTBEAT_S) as client:
