@@ -26,7 +26,6 @@ from pydantic_settings import SettingsError
 
 from schemas.commands import TENANT_PATTERN
 from worker.admin import UserError
-from worker.broker.embedded import EmbeddedTransport
 from worker.broker.lanes import lanes_from
 from worker.idempotency import REDIS_SCHEMES, SQLITE_SCHEME
 from worker.secret_files import SettingsFileError, file_variable_target
@@ -447,6 +446,8 @@ def lane_problems(settings: Settings) -> list[Problem]:
     connection: the embedded broker has kombu's channel ids, no more."""
     if settings.uses_rabbitmq:
         return []
+    from worker.broker.embedded import EmbeddedTransport  # SQLAlchemy: the embedded's only
+
     try:
         lanes = len(lanes_from(settings, {}))
     except ValueError:  # a rate limit that is not one: rate_limit_problems says so

@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 from kombu import Connection
 
 from worker.broker import frames
-from worker.broker.embedded import embedded_connection
 from worker.errors import certificate_fix, certificate_reason, refused_certificate
 from worker.settings import AMQP_SCHEMES, TlsFiles
 
@@ -61,6 +60,9 @@ def connect(
     path = embedded_path(url)
     if path is not None:  # SQLite creates the file, not the directory it goes in
         path.parent.mkdir(parents=True, exist_ok=True)
+    # SQLAlchemy and kombu's transport over it cost a RabbitMQ worker ~20 MB it never uses.
+    from worker.broker.embedded import embedded_connection
+
     return embedded_connection(url, poll_interval_s)
 
 
